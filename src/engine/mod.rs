@@ -1,0 +1,101 @@
+//! The engine: starting runs from events, processing node tasks with exactly-once
+//! effects on at-least-once delivery (DESIGN §4), advancing the DAG, and the worker
+//! process that consumes all of it.
+
+pub mod dag;
+pub mod messages;
+mod publish;
+mod task;
+mod trigger;
+mod worker;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::adapter::Registry;
+use crate::broker::{BrokerError, Publisher};
+use crate::store::{Store, StoreError};
+use crate::workflow::Workflow;
+
+pub use messages::{Poison, RUN_REQUESTED, TaskMessage};
+pub use worker::{Worker, WorkerOptions};
+
+/// A failure to process a message that is not the message's fault: it is requeued.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// Postgres failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// RabbitMQ failed.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+impl EngineError {
+    /// Whether requeueing the message can help.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            EngineError::Store(e) => e.is_retryable(),
+            EngineError::Broker(e) => e.is_retryable(),
+        }
+    }
+}
+
+/// What became of one delivery; the `outcome` label of the metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handled {
+    /// Processed; the label says how (`completed`, `failed`, `started`, …).
+    Done(&'static str),
+    /// Unprocessable: dead-letter it with this reason.
+    Poison(Poison),
+}
+
+/// Everything a worker needs to process messages; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    store: Store,
+    publisher: Arc<Publisher>,
+    adapters: Registry,
+    workflows: Arc<Mutex<HashMap<(String, i32), Arc<Workflow>>>>,
+}
+
+impl Engine {
+    /// An engine over these connections.
+    pub fn new(store: Store, publisher: Arc<Publisher>, adapters: Registry) -> Self {
+        Engine {
+            store,
+            publisher,
+            adapters,
+            workflows: Arc::default(),
+        }
+    }
+
+    /// A stored workflow version, parsed once per process: versions never change.
+    async fn workflow(&self, name: &str, version: i32) -> Result<Option<Arc<Workflow>>, StoreError> {
+        let key = (name.to_owned(), version);
+        if let Some(found) = self.cached(&key) {
+            return Ok(Some(found));
+        }
+        let Some((version, definition)) = self.store.workflow_definition(name, Some(version)).await?
+        else {
+            return Ok(None);
+        };
+        let mut workflow = Workflow::from_json(&definition, None)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        workflow.version = version;
+        let workflow = Arc::new(workflow);
+        self.workflows
+            .lock()
+            .expect("workflow cache lock is never held across a panic")
+            .insert(key, workflow.clone());
+        Ok(Some(workflow))
+    }
+
+    fn cached(&self, key: &(String, i32)) -> Option<Arc<Workflow>> {
+        self.workflows
+            .lock()
+            .expect("workflow cache lock is never held across a panic")
+            .get(key)
+            .cloned()
+    }
+}

@@ -1,0 +1,51 @@
+//! Publishing the follow-ups of a committed transaction: the next tasks and dead letters.
+
+use futures::future::try_join_all;
+
+use super::{Engine, EngineError, TaskMessage};
+use crate::broker::DeadLetter;
+use crate::store::{QueuedTask, RunContext};
+use crate::workflow::Workflow;
+
+impl Engine {
+    /// Publishes one task message per queued node and waits for every confirm. The
+    /// publishes go out together, so their confirms are awaited in one round trip.
+    pub(super) async fn publish_tasks(
+        &self,
+        workflow: &Workflow,
+        run: &RunContext,
+        tasks: &[QueuedTask],
+    ) -> Result<(), EngineError> {
+        let publishes = tasks.iter().map(|task| {
+            let priority = workflow
+                .node(&task.node_id)
+                .and_then(|n| n.priority)
+                .unwrap_or(run.priority.clamp(0, 9) as u8);
+            let message = TaskMessage {
+                run_id: run.run_id,
+                node_id: task.node_id.clone(),
+                attempt: task.attempt,
+                workflow: Some(run.workflow.clone()),
+                version: Some(run.version),
+                queue: Some(task.queue.clone()),
+                kind: Some(task.kind.clone()),
+            };
+            let body = serde_json::to_vec(&message).expect("a task message always serializes");
+            async move {
+                self.publisher
+                    .publish_task(&task.queue, &body, priority)
+                    .await
+            }
+        });
+        try_join_all(publishes).await?;
+        Ok(())
+    }
+
+    /// Publishes a dead letter and counts it.
+    pub(super) async fn publish_dead(&self, letter: &DeadLetter) -> Result<(), EngineError> {
+        self.publisher.publish_dead(letter).await?;
+        metrics::counter!(crate::telemetry::DEAD_LETTERS_TOTAL, "reason" => letter.reason.clone())
+            .increment(1);
+        Ok(())
+    }
+}

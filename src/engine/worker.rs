@@ -1,0 +1,403 @@
+//! The worker process: consumes triggers and task queues with bounded concurrency,
+//! survives lost connections by reconnecting with backoff, and drains in-flight work on
+//! shutdown. Stateless: any number run side by side.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{Engine, EngineError, Handled};
+use crate::adapter::Registry;
+use crate::broker::{self, DeadLetter, Publisher, Topology};
+use crate::config::Settings;
+use crate::store::Store;
+use crate::telemetry::{self, Readiness};
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Task queues to serve; `None` serves every queue of every applied workflow.
+    pub queues: Option<Vec<String>>,
+    /// Deliveries processed at once.
+    pub concurrency: usize,
+    /// Address of `/metrics`, `/healthz`, `/readyz`; `None` for no HTTP server.
+    pub http: Option<SocketAddr>,
+    /// Apply migrations before starting.
+    pub migrate: bool,
+    /// How long in-flight deliveries may take to finish after shutdown is requested.
+    pub grace: Duration,
+    /// How often the list of task queues is refreshed (new workflows bring new queues).
+    pub queue_refresh: Duration,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        WorkerOptions {
+            queues: None,
+            concurrency: 64,
+            http: None,
+            migrate: true,
+            grace: Duration::from_secs(30),
+            queue_refresh: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A worker: `run` it until its shutdown token is cancelled.
+#[derive(Debug)]
+pub struct Worker {
+    settings: Settings,
+    options: WorkerOptions,
+}
+
+/// What `/readyz` reports.
+#[derive(Debug)]
+struct Health {
+    store: Store,
+    broker_up: AtomicBool,
+}
+
+impl Readiness for Health {
+    async fn ready(&self) -> Result<(), String> {
+        if !self.broker_up.load(Ordering::Relaxed) {
+            return Err("RabbitMQ is not connected".into());
+        }
+        self.store
+            .ping()
+            .await
+            .map_err(|e| format!("Postgres: {e}"))
+    }
+}
+
+/// Shared by every consumer of one broker session.
+#[derive(Clone)]
+struct Consuming {
+    engine: Engine,
+    permits: Arc<Semaphore>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+    lost: mpsc::Sender<String>,
+}
+
+#[derive(Debug, Clone)]
+enum Source {
+    Triggers,
+    Tasks(String),
+}
+
+impl Worker {
+    /// A worker with these settings.
+    pub fn new(settings: Settings, options: WorkerOptions) -> Self {
+        Worker { settings, options }
+    }
+
+    /// Runs until `shutdown` is cancelled, then drains in-flight work within the grace
+    /// period. Lost connections are retried with backoff, never fatal.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<Option<SocketAddr>, EngineError> {
+        if self.options.migrate {
+            let mut backoff = Backoff::default();
+            loop {
+                match Store::migrate(&self.settings.database_url).await {
+                    Ok(_) => break,
+                    Err(e) if e.is_retryable() => {
+                        tracing::warn!(error = %e, "cannot migrate yet; retrying");
+                        if !backoff.wait(&shutdown).await {
+                            return Ok(None);
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        let pool_size = self.options.concurrency.clamp(2, 16) + 2;
+        let store = Store::connect(&self.settings.database_url, pool_size)?;
+        let health = Arc::new(Health {
+            store: store.clone(),
+            broker_up: AtomicBool::new(false),
+        });
+        let http = match self.options.http {
+            Some(addr) => Some(
+                telemetry::serve_http(addr, health.clone(), shutdown.clone())
+                    .await
+                    .map_err(|e| EngineError::Broker(broker::BrokerError::Amqp(lapin::Error::from(e))))?,
+            ),
+            None => None,
+        };
+        if let Some(addr) = http {
+            tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+        }
+        let permits = Arc::new(Semaphore::new(self.options.concurrency));
+        let tracker = TaskTracker::new();
+        let mut backoff = Backoff::default();
+        while !shutdown.is_cancelled() {
+            let result = self.session(&store, &health, &permits, &tracker, &shutdown).await;
+            health.broker_up.store(false, Ordering::Relaxed);
+            match result {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "broker session ended; reconnecting");
+                    if !backoff.wait(&shutdown).await {
+                        break;
+                    }
+                }
+            }
+        }
+        tracker.close();
+        if tokio::time::timeout(self.options.grace, tracker.wait()).await.is_err() {
+            tracing::warn!(
+                left = tracker.len(),
+                "grace period over; unfinished deliveries stay unacked and will be redelivered"
+            );
+        }
+        Ok(http)
+    }
+
+    /// One broker connection's lifetime: declare, consume, and return when it breaks
+    /// (`Err`) or shutdown is requested (`Ok`).
+    async fn session(
+        &self,
+        store: &Store,
+        health: &Health,
+        permits: &Arc<Semaphore>,
+        tracker: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) -> Result<(), EngineError> {
+        let connection = broker::connect(&self.settings.amqp_url, "worker").await?;
+        let topology = Topology::new(&self.settings.namespace);
+        let publisher = Arc::new(Publisher::open(&connection, topology.clone()).await?);
+        let engine = Engine::new(store.clone(), publisher.clone(), Registry::new(self.settings.file.clone()));
+        let (lost_tx, mut lost) = mpsc::channel(4);
+        let consuming = Consuming {
+            engine,
+            permits: permits.clone(),
+            tracker: tracker.clone(),
+            stop: shutdown.child_token(),
+            lost: lost_tx,
+        };
+        let prefetch = self.options.concurrency.min(u16::MAX as usize) as u16;
+        let triggers = open_channel(&connection, prefetch).await?;
+        let trigger_tag = start_consumer(&triggers, &topology.triggers_queue(), Source::Triggers, &consuming).await?;
+        let tasks = open_channel(&connection, prefetch).await?;
+        let mut served = BTreeSet::new();
+        let mut task_tags = Vec::new();
+        health.broker_up.store(true, Ordering::Relaxed);
+        tracing::info!(namespace = %topology.namespace(), "connected to RabbitMQ");
+        let mut refresh = tokio::time::interval(self.options.queue_refresh);
+        let outcome = loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break Ok(()),
+                why = lost.recv() => {
+                    break Err(EngineError::Broker(broker::BrokerError::Amqp(lapin::Error::from(
+                        std::io::Error::other(why.unwrap_or_default()),
+                    ))));
+                }
+                _ = refresh.tick() => {
+                    let wanted = match &self.options.queues {
+                        Some(queues) => queues.clone(),
+                        None => match store.known_queues().await {
+                            Ok(queues) => queues,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot list task queues; keeping the current ones");
+                                continue;
+                            }
+                        },
+                    };
+                    for queue in wanted {
+                        if served.contains(&queue) {
+                            continue;
+                        }
+                        publisher.ensure_task_queue(&queue).await?;
+                        let tag = start_consumer(&tasks, &topology.task_queue(&queue), Source::Tasks(queue.clone()), &consuming).await?;
+                        tracing::info!(%queue, "serving task queue");
+                        task_tags.push(tag);
+                        served.insert(queue);
+                    }
+                }
+            }
+        };
+        // Stop new deliveries first; in-flight ones finish on the still-open channels.
+        consuming.stop.cancel();
+        if outcome.is_ok() {
+            let _ = triggers
+                .basic_cancel(trigger_tag.as_str().into(), BasicCancelOptions::default())
+                .await;
+            for tag in &task_tags {
+                let _ = tasks
+                    .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                    .await;
+            }
+            tracker.close();
+            if tokio::time::timeout(self.options.grace, tracker.wait()).await.is_err() {
+                tracing::warn!(left = tracker.len(), "grace period over; closing with deliveries unacked");
+            }
+            let _ = connection.close(200, "worker shutting down".into()).await;
+        }
+        outcome
+    }
+}
+
+async fn open_channel(connection: &Connection, prefetch: u16) -> Result<Channel, EngineError> {
+    let channel = connection.create_channel().await.map_err(broker::BrokerError::from)?;
+    // global: the limit covers every consumer on the channel, so the worker never holds
+    // more unacked deliveries than it can process, whatever the number of queues.
+    channel
+        .basic_qos(prefetch, BasicQosOptions { global: true })
+        .await
+        .map_err(broker::BrokerError::from)?;
+    Ok(channel)
+}
+
+async fn start_consumer(
+    channel: &Channel,
+    queue: &str,
+    source: Source,
+    consuming: &Consuming,
+) -> Result<String, EngineError> {
+    let tag = format!("dagq-{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
+    let consumer = channel
+        .basic_consume(queue.into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .map_err(broker::BrokerError::from)?;
+    let consuming = consuming.clone();
+    tokio::spawn(consume(consumer, source, consuming));
+    Ok(tag)
+}
+
+async fn consume(mut consumer: lapin::Consumer, source: Source, consuming: Consuming) {
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = consuming.stop.cancelled() => return,
+            next = consumer.next() => next,
+        };
+        let delivery = match next {
+            Some(Ok(delivery)) => delivery,
+            Some(Err(e)) => {
+                let _ = consuming.lost.send(e.to_string()).await;
+                return;
+            }
+            None => {
+                let _ = consuming.lost.send("consumer cancelled by the broker".into()).await;
+                return;
+            }
+        };
+        let Ok(permit) = consuming.permits.clone().acquire_owned().await else {
+            return;
+        };
+        let engine = consuming.engine.clone();
+        let source = source.clone();
+        consuming.tracker.spawn(async move {
+            let _permit = permit;
+            process(&engine, &source, delivery).await;
+        });
+    }
+}
+
+/// Processes one delivery and settles it with the broker: ack after the outcome is
+/// durable, requeue on a transient failure, dead-letter what can never be processed.
+async fn process(engine: &Engine, source: &Source, delivery: Delivery) {
+    let inflight = metrics::gauge!(telemetry::WORKER_INFLIGHT);
+    inflight.increment(1.0);
+    let queue = match source {
+        Source::Triggers => engine.publisher.topology().triggers_queue(),
+        Source::Tasks(queue) => queue.clone(),
+    };
+    let result = match source {
+        Source::Triggers => {
+            let result = engine.handle_trigger(&delivery.data, delivery.redelivered).await;
+            if let Ok(Handled::Done(outcome)) = &result {
+                metrics::counter!(telemetry::EVENTS_TOTAL, "outcome" => *outcome).increment(1);
+            }
+            result
+        }
+        Source::Tasks(queue) => engine.handle_task(&delivery.data, delivery.redelivered, queue).await,
+    };
+    let settle = match result {
+        Ok(Handled::Done(_)) => Settle::Ack,
+        Ok(Handled::Poison(poison)) => {
+            tracing::warn!(%queue, reason = poison.reason, detail = %poison.detail, "dead-lettering a message that cannot be processed");
+            dead_letter(engine, &delivery, &queue, poison.reason, &poison.detail).await
+        }
+        Err(e) if e.is_retryable() => {
+            tracing::warn!(%queue, error = %e, "cannot process now; requeueing");
+            // Back off so that a database outage does not spin the message in a hot loop.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            Settle::Requeue
+        }
+        Err(e) => {
+            tracing::error!(%queue, error = %e, "cannot process; dead-lettering");
+            dead_letter(engine, &delivery, &queue, "internal", &e.to_string()).await
+        }
+    };
+    let settled = match settle {
+        Settle::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
+        Settle::Requeue => {
+            delivery
+                .acker
+                .nack(BasicNackOptions { requeue: true, multiple: false })
+                .await
+        }
+    };
+    if let Err(e) = settled {
+        // The channel is gone; the broker requeues the delivery by itself.
+        tracing::debug!(error = %e, "could not settle a delivery");
+    }
+    inflight.decrement(1.0);
+}
+
+enum Settle {
+    Ack,
+    Requeue,
+}
+
+async fn dead_letter(engine: &Engine, delivery: &Delivery, queue: &str, reason: &'static str, detail: &str) -> Settle {
+    let letter = DeadLetter {
+        reason: reason.into(),
+        detail: detail.into(),
+        source_queue: queue.into(),
+        body: delivery.data.clone(),
+    };
+    match engine.publish_dead(&letter).await {
+        Ok(()) => Settle::Ack,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot dead-letter now; requeueing");
+            Settle::Requeue
+        }
+    }
+}
+
+/// Exponential backoff between reconnection attempts: 100 ms doubling to 5 s.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { next: Duration::from_millis(100) }
+    }
+}
+
+impl Backoff {
+    /// Waits the next delay; false when shutdown came first.
+    async fn wait(&mut self, shutdown: &CancellationToken) -> bool {
+        let delay = self.next;
+        self.next = (self.next * 2).min(Duration::from_secs(5));
+        tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
+    }
+}

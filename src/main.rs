@@ -1,0 +1,292 @@
+//! The `dagq` command line. Parsing and printing only; the work is in the library.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use dagq::commands::{self, CommandError, json_argument};
+use dagq::config::Settings;
+use dagq::engine::{Worker, WorkerOptions};
+use dagq::store::{RunFilter, Store};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+#[derive(Parser, Debug)]
+#[command(name = "dagq", version, about = "DAG workflows of AI-model tasks on RabbitMQ and Postgres")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create the database if missing and apply pending migrations.
+    Migrate,
+    /// Consume triggers and tasks until SIGINT/SIGTERM.
+    Worker {
+        /// Task queues to serve, comma-separated (default: every queue of every workflow).
+        #[arg(long, value_delimiter = ',')]
+        queues: Option<Vec<String>>,
+        /// Tasks processed at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Address for /metrics, /healthz and /readyz, or "off".
+        #[arg(long, default_value = "0.0.0.0:9464")]
+        http: String,
+        /// Do not apply migrations at start.
+        #[arg(long)]
+        no_migrate: bool,
+        /// Seconds in-flight tasks may take to finish after SIGTERM.
+        #[arg(long, default_value_t = 30)]
+        grace: u64,
+    },
+    /// Manage workflow definitions.
+    #[command(subcommand)]
+    Workflow(WorkflowCommand),
+    /// Start a run of a workflow (publishes dagq.run.requested).
+    Run {
+        /// Workflow name.
+        workflow: String,
+        /// Run input: JSON or @FILE.
+        #[arg(long, default_value = "{}")]
+        input: String,
+        /// Message priority 0-9 for the run's tasks.
+        #[arg(long)]
+        priority: Option<u8>,
+        /// Wait until the run finishes and print its result.
+        #[arg(long)]
+        wait: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Seconds to wait with --wait.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Publish a CloudEvent (for git hooks, cron and scripts).
+    Publish {
+        /// Event type, also the routing key (e.g. git.push).
+        #[arg(long = "type")]
+        kind: String,
+        /// Event source.
+        #[arg(long, default_value = "dagq-cli")]
+        source: String,
+        /// Event id (default: a new UUID); publishing the same source and id twice starts one run.
+        #[arg(long)]
+        id: Option<String>,
+        /// Event subject.
+        #[arg(long)]
+        subject: Option<String>,
+        /// Event data: JSON or @FILE.
+        #[arg(long)]
+        data: String,
+    },
+    /// Show one run with its nodes.
+    Status {
+        /// Run id.
+        run_id: Uuid,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List runs, newest first.
+    Runs {
+        /// Only this workflow.
+        #[arg(long)]
+        workflow: Option<String>,
+        /// Only this state (running, completed, failed, cancelled).
+        #[arg(long)]
+        state: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a sample workflow end to end on the local services.
+    Demo,
+}
+
+#[derive(Subcommand, Debug)]
+enum WorkflowCommand {
+    /// Validate and store workflow files (a changed definition becomes a new version).
+    Apply {
+        /// Workflow JSON files.
+        #[arg(required = true)]
+        files: Vec<String>,
+    },
+    /// List workflows with their latest version.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a workflow definition.
+    Show {
+        /// Workflow name.
+        name: String,
+        /// Version (default: latest).
+        #[arg(long)]
+        version: Option<i32>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    dagq::telemetry::init_logging();
+    let cli = Cli::parse();
+    match run(cli.command).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    let settings = Settings::load()?;
+    match command {
+        Command::Migrate => {
+            let applied = Store::migrate(&settings.database_url).await?;
+            if applied.is_empty() {
+                println!("database is up to date");
+            } else {
+                println!("applied: {}", applied.join(", "));
+            }
+        }
+        Command::Worker { queues, concurrency, http, no_migrate, grace } => {
+            let http = match http.as_str() {
+                "off" | "none" | "" => None,
+                addr => Some(addr.parse::<SocketAddr>().with_context(|| {
+                    format!("--http {addr:?} is not an address like 0.0.0.0:9464 (or \"off\")")
+                })?),
+            };
+            if concurrency == 0 {
+                anyhow::bail!("--concurrency must be at least 1");
+            }
+            let options = WorkerOptions {
+                queues,
+                concurrency,
+                http,
+                migrate: !no_migrate,
+                grace: Duration::from_secs(grace),
+                ..WorkerOptions::default()
+            };
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            Worker::new(settings, options).run(shutdown).await?;
+        }
+        Command::Workflow(command) => workflow(&settings, command).await?,
+        Command::Run { workflow, input, priority, wait, json, timeout } => {
+            let input = json_argument("--input", &input)?;
+            let store = Store::connect(&settings.database_url, 2)?;
+            if store.workflow_definition(&workflow, None).await?.is_none() {
+                anyhow::bail!(CommandError::NotFound(format!(
+                    "workflow \"{workflow}\" is not applied; run `dagq workflow apply FILE` first"
+                )));
+            }
+            let event = commands::request_run(&settings, &workflow, input, priority).await?;
+            let (source, id) = (event["source"].as_str().unwrap_or_default(), event["id"].as_str().unwrap_or_default());
+            if !wait {
+                println!("requested a run of {workflow} (event {id})");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let status =
+                commands::wait_for_run(&store, source, id, Duration::from_secs(timeout), !json).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", commands::format_run_status(&status));
+            }
+            if status.run.state != "completed" {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Publish { kind, source, id, subject, data } => {
+            let data = json_argument("--data", &data)?;
+            let mut event = dagq::engine::messages::new_event(&kind, &source, subject.as_deref(), data);
+            if let Some(id) = id {
+                event["id"] = id.into();
+            }
+            commands::publish_event(&settings, &event, 0).await?;
+            println!("published {kind} event {}", event["id"].as_str().unwrap_or_default());
+        }
+        Command::Status { run_id, json } => {
+            let store = Store::connect(&settings.database_url, 1)?;
+            let status = store
+                .run_status(run_id)
+                .await?
+                .ok_or_else(|| CommandError::NotFound(format!("no run {run_id}; `dagq runs` lists runs")))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", commands::format_run_status(&status));
+            }
+        }
+        Command::Runs { workflow, state, limit, json } => {
+            let store = Store::connect(&settings.database_url, 1)?;
+            let runs = store.list_runs(&RunFilter { workflow, state, limit }).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&runs)?);
+            } else {
+                print!("{}", commands::format_runs(&runs));
+            }
+        }
+        Command::Demo => {
+            commands::demo(&settings).await?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn workflow(settings: &Settings, command: WorkflowCommand) -> anyhow::Result<()> {
+    Store::migrate(&settings.database_url).await?;
+    let store = Store::connect(&settings.database_url, 1)?;
+    match command {
+        WorkflowCommand::Apply { files } => {
+            for applied in commands::apply_files(settings, &store, &files).await? {
+                let what = if applied.created { "applied" } else { "unchanged" };
+                println!("{}: version {} ({what})", applied.name, applied.version);
+            }
+        }
+        WorkflowCommand::List { json } => {
+            let workflows = store.list_workflows().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&workflows)?);
+            } else {
+                print!("{}", commands::format_workflow_list(&workflows));
+            }
+        }
+        WorkflowCommand::Show { name, version } => {
+            let (_, definition) = store.workflow_definition(&name, version).await?.ok_or_else(|| {
+                CommandError::NotFound(format!("no workflow \"{name}\"; `dagq workflow list` lists them"))
+            })?;
+            println!("{}", serde_json::to_string_pretty(&definition)?);
+        }
+    }
+    Ok(())
+}
+
+/// The first SIGINT/SIGTERM asks for a graceful stop; a second one exits at once.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return;
+    };
+    for round in 0..2 {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        if round == 0 {
+            tracing::info!("shutting down: finishing in-flight tasks (signal again to exit now)");
+            shutdown.cancel();
+        } else {
+            std::process::exit(130);
+        }
+    }
+}
