@@ -11,6 +11,7 @@
 //! - [`store`]: the Postgres pool, migrations and the queries of each table.
 //! - [`engine`]: trigger handling, node processing, DAG advancement, the worker.
 //! - [`adapter`]: the model-adapter trait and its implementations.
+//! - [`mock_llm`]: the deterministic model server for the demo, tests and benchmarks.
 //! - [`telemetry`]: metric names, the exporter, health endpoints, logging.
 //! - [`commands`]: what the CLI subcommands do, so that tests can drive them directly.
 #![forbid(unsafe_code)]
@@ -26,6 +27,7 @@ pub mod broker;
 pub mod commands;
 pub mod config;
 pub mod engine;
+pub mod mock_llm;
 pub mod schema;
 pub mod store;
 pub mod telemetry;

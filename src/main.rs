@@ -106,8 +106,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Run a sample workflow end to end on the local services.
+    /// Run the code-review scenario end to end on the local services and a mock model.
     Demo,
+    /// Serve a deterministic OpenAI- and Anthropic-compatible model API.
+    MockLlm {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8089")]
+        addr: SocketAddr,
+        /// Delay before every answer, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        /// Share of requests that fail (0.0-1.0), chosen by a hash of the request.
+        #[arg(long, default_value_t = 0.0)]
+        fail_rate: f64,
+        /// HTTP status of injected failures.
+        #[arg(long, default_value_t = 500)]
+        fail_status: u16,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -238,6 +253,23 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Demo => {
             commands::demo(&settings).await?;
+        }
+        Command::MockLlm { addr, latency_ms, fail_rate, fail_status } => {
+            if !(0.0..=1.0).contains(&fail_rate) {
+                anyhow::bail!("--fail-rate {fail_rate} is out of range; use a share from 0.0 to 1.0");
+            }
+            let options = dagq::mock_llm::MockOptions {
+                latency: Duration::from_millis(latency_ms),
+                fail_rate,
+                fail_status,
+            };
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            let bound = dagq::mock_llm::serve(addr, options, shutdown.clone())
+                .await
+                .with_context(|| format!("cannot listen on {addr}; pick another with --addr"))?;
+            println!("mock-llm serving OpenAI (/v1/...) and Anthropic (/v1/messages) APIs on http://{bound}");
+            shutdown.cancelled().await;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -2,15 +2,16 @@
 
 use serde_json::Value;
 
-use super::{Adapter, AdapterError, Call};
+use super::{Adapter, AdapterError, Call, Exchange};
+use crate::workflow::NodeType;
 
 /// Does nothing; outputs `{}`.
 #[derive(Debug, Clone, Copy)]
 pub struct Noop;
 
 impl Adapter for Noop {
-    async fn call(&self, _call: &Call<'_>) -> Result<Value, AdapterError> {
-        Ok(Value::Object(Default::default()))
+    async fn call(&self, _kind: NodeType, _call: &Call<'_>) -> (Exchange, Result<Value, AdapterError>) {
+        (Exchange::default(), Ok(Value::Object(Default::default())))
     }
 }
 
@@ -19,7 +20,7 @@ impl Adapter for Noop {
 pub struct Transform;
 
 impl Adapter for Transform {
-    async fn call(&self, call: &Call<'_>) -> Result<Value, AdapterError> {
-        Ok(call.input.clone())
+    async fn call(&self, _kind: NodeType, call: &Call<'_>) -> (Exchange, Result<Value, AdapterError>) {
+        (Exchange::default(), Ok(call.input.clone()))
     }
 }

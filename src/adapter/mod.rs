@@ -1,17 +1,28 @@
 //! The model-adapter layer: one small trait, one implementation per provider, chosen
-//! through a closed enum built from the node type and its model profile.
+//! through a closed enum built from the node type and its model profile. The registry
+//! walks a profile's `fallback` chain within one attempt and reports every call made,
+//! for the audit log.
 
+mod anthropic;
 mod builtin;
+mod http;
+mod http_call;
+mod openai;
 
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
+use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
 
+pub use anthropic::Anthropic;
 pub use builtin::{Noop, Transform};
+pub use http::HttpAdapter;
+pub use openai::OpenAi;
 
-use crate::config::FileConfig;
-use crate::workflow::{NodeDef, NodeType};
+use crate::config::{FileConfig, ModelProfile, Provider};
+use crate::workflow::{NodeDef, NodeType, provider_serves};
 
 /// Why an adapter call failed, classified for retries.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -19,16 +30,19 @@ pub enum AdapterError {
     /// The node's input cannot work (bad template, missing field): fix the workflow.
     #[error("invalid input: {0}")]
     InvalidInput(String),
-    /// No adapter can run this node (unknown type, provider not available).
+    /// The configuration cannot work (API key variable unset, unknown profile).
+    #[error("configuration: {0}")]
+    Config(String),
+    /// No adapter can run this node.
     #[error("unsupported: {0}")]
     Unsupported(String),
-    /// The provider could not be reached.
-    #[error("cannot connect to {url}: {message}")]
+    /// The provider could not be reached, or the connection broke.
+    #[error("cannot reach {url}: {message}")]
     Connect { url: String, message: String },
-    /// The call took longer than the node's or profile's timeout.
+    /// The call took longer than its timeout.
     #[error("timed out after {0:?}")]
     Timeout(Duration),
-    /// The provider answered with an error status.
+    /// The provider answered with an error status; `message` is the provider's own.
     #[error("HTTP {status}: {message}")]
     Status {
         status: u16,
@@ -50,6 +64,7 @@ impl AdapterError {
                 matches!(status, 408 | 429) || (500..600).contains(status)
             }
             AdapterError::InvalidInput(_)
+            | AdapterError::Config(_)
             | AdapterError::Unsupported(_)
             | AdapterError::InvalidResponse(_) => false,
         }
@@ -60,10 +75,24 @@ impl AdapterError {
         match self {
             AdapterError::Status { retry_after, .. } => *retry_after,
             AdapterError::InvalidInput(_)
+            | AdapterError::Config(_)
             | AdapterError::Unsupported(_)
             | AdapterError::Connect { .. }
             | AdapterError::Timeout(_)
             | AdapterError::InvalidResponse(_) => None,
+        }
+    }
+
+    /// A short, bounded label for the `status` of a model call.
+    pub fn status_label(&self) -> String {
+        match self {
+            AdapterError::InvalidInput(_) => "invalid_input".into(),
+            AdapterError::Config(_) => "config".into(),
+            AdapterError::Unsupported(_) => "unsupported".into(),
+            AdapterError::Connect { .. } => "connect".into(),
+            AdapterError::Timeout(_) => "timeout".into(),
+            AdapterError::Status { status, .. } => format!("http_{status}"),
+            AdapterError::InvalidResponse(_) => "invalid_response".into(),
         }
     }
 }
@@ -88,74 +117,277 @@ impl Call<'_> {
     }
 }
 
-/// What every provider implements.
-pub trait Adapter {
-    /// Performs the call and returns the node's output.
-    fn call(&self, call: &Call<'_>) -> impl Future<Output = Result<Value, AdapterError>> + Send;
+/// Token counts of one call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    /// Tokens in the prompt.
+    pub prompt_tokens: i64,
+    /// Tokens generated.
+    pub completion_tokens: i64,
 }
 
-/// The closed set of adapters, chosen per node.
+/// What went over the wire in one call, for the audit log. Never holds credentials.
+#[derive(Debug, Clone, Default)]
+pub struct Exchange {
+    /// The request body sent.
+    pub request: Value,
+    /// The response body (JSON, or a JSON string of the text).
+    pub response: Option<Value>,
+    /// The HTTP status received.
+    pub http_status: Option<u16>,
+    /// Tokens reported by the provider.
+    pub usage: Usage,
+    /// The model that answered, as the provider named it.
+    pub model: Option<String>,
+}
+
+/// One call to one profile, as it goes into `model_calls`.
+#[derive(Debug, Clone)]
+pub struct ModelCall {
+    /// Profile name (`-` for an `http` node without one).
+    pub profile: String,
+    /// `openai`, `anthropic` or `http`.
+    pub provider: &'static str,
+    /// Model name.
+    pub model: Option<String>,
+    /// `ok`, or the error's label (`http_429`, `timeout`, …).
+    pub status: String,
+    /// HTTP status, when one came back.
+    pub http_status: Option<u16>,
+    /// Wall time of the call.
+    pub latency: Duration,
+    /// Tokens.
+    pub usage: Usage,
+    /// Cost, when the profile has prices.
+    pub cost: Option<f64>,
+    /// Request body.
+    pub request: Value,
+    /// Response body.
+    pub response: Option<Value>,
+    /// Error text, when it failed.
+    pub error: Option<String>,
+}
+
+/// The node's result and every call made to get it.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Output, or the last error.
+    pub result: Result<Value, AdapterError>,
+    /// Calls in the order made (primary first, then fallbacks).
+    pub calls: Vec<ModelCall>,
+}
+
+/// What every provider implements: perform one call of a node type.
+pub trait Adapter {
+    /// Performs the call; the exchange is returned whether or not it succeeded.
+    fn call(
+        &self,
+        kind: NodeType,
+        call: &Call<'_>,
+    ) -> impl Future<Output = (Exchange, Result<Value, AdapterError>)> + Send;
+}
+
+/// The closed set of adapters.
 #[derive(Debug, Clone)]
 pub enum AdapterKind {
     /// `noop`.
     Noop(Noop),
     /// `transform`.
     Transform(Transform),
+    /// OpenAI and compatible servers.
+    OpenAi(OpenAi),
+    /// Anthropic's messages API.
+    Anthropic(Anthropic),
+    /// Generic JSON over HTTP.
+    Http(HttpAdapter),
 }
 
 impl AdapterKind {
-    /// Performs the call through whichever adapter this is.
-    pub async fn call(&self, call: &Call<'_>) -> Result<Value, AdapterError> {
+    async fn call(&self, kind: NodeType, call: &Call<'_>) -> (Exchange, Result<Value, AdapterError>) {
         match self {
-            AdapterKind::Noop(a) => a.call(call).await,
-            AdapterKind::Transform(a) => a.call(call).await,
-        }
-    }
-
-    /// Whether the adapter reads the node's input (so the engine renders templates).
-    pub fn reads_input(&self) -> bool {
-        match self {
-            AdapterKind::Noop(_) => false,
-            AdapterKind::Transform(_) => true,
+            AdapterKind::Noop(a) => a.call(kind, call).await,
+            AdapterKind::Transform(a) => a.call(kind, call).await,
+            AdapterKind::OpenAi(a) => a.call(kind, call).await,
+            AdapterKind::Anthropic(a) => a.call(kind, call).await,
+            AdapterKind::Http(a) => a.call(kind, call).await,
         }
     }
 }
 
-/// Builds the adapter for each node from configuration.
-#[derive(Debug, Clone, Default)]
+/// A configured profile with its adapter.
+#[derive(Debug, Clone)]
+struct Profile {
+    config: ModelProfile,
+    adapter: AdapterKind,
+}
+
+/// Builds and holds the adapter of every profile; runs nodes through them.
+#[derive(Debug, Clone)]
 pub struct Registry {
-    config: FileConfig,
+    profiles: BTreeMap<String, Profile>,
+    plain_http: HttpAdapter,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::new(&FileConfig::default())
+    }
 }
 
 impl Registry {
-    /// A registry over the model profiles of `config`.
-    pub fn new(config: FileConfig) -> Self {
-        Registry { config }
+    /// Adapters for every profile of `config`, sharing one HTTP connection pool.
+    pub fn new(config: &FileConfig) -> Self {
+        let client = http_call::client();
+        let profiles = config
+            .models
+            .iter()
+            .map(|(name, profile)| {
+                let adapter = match profile.provider {
+                    Provider::Openai => AdapterKind::OpenAi(OpenAi::new(client.clone(), profile.clone())),
+                    Provider::Anthropic => {
+                        AdapterKind::Anthropic(Anthropic::new(client.clone(), profile.clone()))
+                    }
+                    Provider::Http => AdapterKind::Http(HttpAdapter::new(client.clone(), Some(profile.clone()))),
+                };
+                (name.clone(), Profile { config: profile.clone(), adapter })
+            })
+            .collect();
+        Registry {
+            profiles,
+            plain_http: HttpAdapter::new(client, None),
+        }
     }
 
-    /// The adapter that runs `node`, or why there is none.
-    pub fn adapter_for(&self, node: &NodeDef) -> Result<AdapterKind, AdapterError> {
-        match node.kind {
-            NodeType::Noop => Ok(AdapterKind::Noop(Noop)),
-            NodeType::Transform => Ok(AdapterKind::Transform(Transform)),
-            NodeType::Chat
-            | NodeType::Completion
-            | NodeType::Embedding
-            | NodeType::Image
-            | NodeType::Http => {
-                let profile = node.model.as_deref().unwrap_or("(none)");
-                let provider = self
-                    .config
-                    .models
-                    .get(profile)
-                    .map(|p| p.provider.as_str())
-                    .unwrap_or("unknown");
-                Err(AdapterError::Unsupported(format!(
-                    "node type {} (profile \"{profile}\", provider {provider}) has no adapter in this build; \
-                     only noop and transform nodes can run",
-                    node.kind.as_str()
-                )))
+    /// Whether the engine must render the node's input templates.
+    pub fn reads_input(&self, node: &NodeDef) -> bool {
+        node.kind != NodeType::Noop
+    }
+
+    /// Runs a node: built-ins directly, model nodes through their profile and then its
+    /// fallbacks, in order, for as long as the failures are retryable.
+    pub async fn run(&self, call: &Call<'_>) -> Outcome {
+        let node = call.node;
+        match (node.kind, &node.model) {
+            (NodeType::Noop, _) => return plain(Noop.call(node.kind, call).await.1),
+            (NodeType::Transform, _) => return plain(Transform.call(node.kind, call).await.1),
+            (NodeType::Http, None) => {
+                let started = Instant::now();
+                let (exchange, result) = self.plain_http.call(node.kind, call).await;
+                let record = record("-", "http", None, None, started, exchange, &result);
+                return Outcome { result, calls: vec![record] };
+            }
+            _ => {}
+        }
+        let Some(primary) = node.model.as_deref() else {
+            return plain(Err(AdapterError::Config(format!(
+                "node \"{}\" of type {} names no model profile",
+                node.id,
+                node.kind.as_str()
+            ))));
+        };
+        let mut chain = vec![primary.to_owned()];
+        if let Some(profile) = self.profiles.get(primary) {
+            chain.extend(profile.config.fallback.iter().cloned());
+        }
+        let mut calls = Vec::new();
+        let mut last = None;
+        for name in &chain {
+            let Some(profile) = self.profiles.get(name) else {
+                last = Some(AdapterError::Config(format!(
+                    "model profile \"{name}\" is not configured; add [models.{name}] to dagq.toml"
+                )));
+                break;
+            };
+            if !provider_serves(profile.config.provider, node.kind) {
+                continue;
+            }
+            let started = Instant::now();
+            let (exchange, result) = profile.adapter.call(node.kind, call).await;
+            calls.push(record(
+                name,
+                profile.config.provider.as_str(),
+                profile.config.model.clone(),
+                Some(&profile.config),
+                started,
+                exchange,
+                &result,
+            ));
+            match result {
+                Ok(output) => return Outcome { result: Ok(output), calls },
+                Err(e) if e.is_retryable() => {
+                    tracing::warn!(run = %call.run_id, node = %node.id, profile = %name, error = %e,
+                        "model call failed; trying the next fallback if any");
+                    last = Some(e);
+                }
+                Err(e) => {
+                    last = Some(e);
+                    break;
+                }
             }
         }
+        let error = last.unwrap_or_else(|| {
+            AdapterError::Unsupported(format!(
+                "no profile in {chain:?} can serve node type {}",
+                node.kind.as_str()
+            ))
+        });
+        Outcome { result: Err(error), calls }
+    }
+}
+
+fn plain(result: Result<Value, AdapterError>) -> Outcome {
+    Outcome { result, calls: Vec::new() }
+}
+
+fn record(
+    profile: &str,
+    provider: &'static str,
+    model: Option<String>,
+    config: Option<&ModelProfile>,
+    started: Instant,
+    exchange: Exchange,
+    result: &Result<Value, AdapterError>,
+) -> ModelCall {
+    let usage = exchange.usage;
+    let cost = config.and_then(|c| match (c.price_per_1k_prompt, c.price_per_1k_completion) {
+        (None, None) => None,
+        (p, c) => Some(
+            p.unwrap_or(0.0) * usage.prompt_tokens as f64 / 1000.0
+                + c.unwrap_or(0.0) * usage.completion_tokens as f64 / 1000.0,
+        ),
+    });
+    ModelCall {
+        profile: profile.to_owned(),
+        provider,
+        model: exchange.model.or(model),
+        status: match result {
+            Ok(_) => "ok".into(),
+            Err(e) => e.status_label(),
+        },
+        http_status: exchange.http_status,
+        latency: started.elapsed(),
+        usage,
+        cost,
+        request: exchange.request,
+        response: exchange.response,
+        error: result.as_ref().err().map(ToString::to_string),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification_follows_http_semantics() {
+        let status = |s| AdapterError::Status { status: s, message: String::new(), retry_after: None };
+        for retryable in [408, 429, 500, 502, 503, 504] {
+            assert!(status(retryable).is_retryable(), "{retryable}");
+        }
+        for terminal in [400, 401, 403, 404, 422] {
+            assert!(!status(terminal).is_retryable(), "{terminal}");
+        }
+        assert!(AdapterError::Timeout(Duration::from_secs(1)).is_retryable());
+        assert!(!AdapterError::InvalidResponse("x".into()).is_retryable());
     }
 }

@@ -11,6 +11,17 @@ fn millis(from: Option<chrono::DateTime<chrono::Utc>>, to: Option<chrono::DateTi
     }
 }
 
+/// Characters of each node's output shown in the text view.
+const OUTPUT_PREVIEW: usize = 160;
+
+fn tokens(calls: i64, prompt: i64, completion: i64) -> String {
+    if calls == 0 { "-".into() } else { format!("{prompt}/{completion}") }
+}
+
+fn cost(cost: Option<f64>) -> String {
+    cost.map_or_else(|| "-".into(), |c| format!("${c:.6}"))
+}
+
 /// A run, its nodes and the outputs of its final nodes, as a table.
 pub fn format_run_status(status: &RunStatus) -> String {
     let run = &status.run;
@@ -26,29 +37,49 @@ pub fn format_run_status(status: &RunStatus) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<20} {:<10} {:>7} {:<16} {:>9} {:>9}  ERROR",
-        "NODE", "STATE", "ATTEMPT", "QUEUE", "WAITED", "RAN"
+        "{:<20} {:<10} {:>7} {:<16} {:>9} {:>9} {:>13} {:>10}  ERROR",
+        "NODE", "STATE", "ATTEMPT", "QUEUE", "WAITED", "RAN", "TOKENS IN/OUT", "COST"
     );
     for node in &status.nodes {
         let _ = writeln!(
             out,
-            "{:<20} {:<10} {:>7} {:<16} {:>9} {:>9}  {}",
+            "{:<20} {:<10} {:>7} {:<16} {:>9} {:>9} {:>13} {:>10}  {}",
             node.node_id,
             node.state,
             node.attempt,
             node.queue,
             millis(node.queued_at, node.started_at),
             millis(node.started_at, node.finished_at),
+            tokens(node.model_calls, node.prompt_tokens, node.completion_tokens),
+            cost(node.cost),
             node.error.as_deref().unwrap_or("")
         );
     }
-    for node in status.nodes.iter().filter(|n| n.output.is_some()) {
-        let output = node.output.as_ref().expect("filtered on is_some");
-        if output.as_object().is_some_and(|o| o.is_empty()) {
-            continue;
-        }
-        let text = serde_json::to_string_pretty(output).expect("a JSON value always serializes");
-        let _ = writeln!(out, "\noutput of {}:\n{text}", node.node_id);
+    let totals = &status.totals;
+    if totals.model_calls > 0 {
+        let _ = writeln!(
+            out,
+            "total: {} model calls, {} prompt + {} completion tokens, cost {}",
+            totals.model_calls,
+            totals.prompt_tokens,
+            totals.completion_tokens,
+            cost(totals.cost)
+        );
+    }
+    let outputs: Vec<_> = status
+        .nodes
+        .iter()
+        .filter_map(|n| Some((n, n.output.as_ref()?)))
+        .filter(|(_, o)| !o.as_object().is_some_and(|o| o.is_empty()))
+        .collect();
+    if !outputs.is_empty() {
+        let _ = writeln!(out, "\noutputs (`dagq status {} --json` has them whole):", run.id);
+    }
+    for (node, output) in outputs {
+        let text = output.to_string();
+        let shown: String = text.chars().take(OUTPUT_PREVIEW).collect();
+        let more = if shown.len() < text.len() { " …" } else { "" };
+        let _ = writeln!(out, "  {:<18} {shown}{more}", node.node_id);
     }
     out
 }

@@ -9,7 +9,7 @@ use serde_json::Value;
 use super::dag::{Finished, settle, template_context};
 use super::messages::{Poison, parse_task};
 use super::{Engine, EngineError, Handled, TaskMessage};
-use crate::adapter::{AdapterError, Call};
+use crate::adapter::{AdapterError, Call, ModelCall};
 use crate::broker::DeadLetter;
 use crate::store::{self, Claim, RunContext, StoreError};
 use crate::telemetry;
@@ -88,11 +88,7 @@ impl Engine {
                 run.workflow, run.version, message.node_id
             ))));
         };
-        let adapter = match self.adapters.adapter_for(node) {
-            Ok(adapter) => adapter,
-            Err(e) => return Ok(Err(e)),
-        };
-        let input = if adapter.reads_input() {
+        let input = if self.adapters.reads_input(node) {
             let client = self.store.client().await?;
             let context = template_context(&client, workflow, run, &node.id).await?;
             drop(client);
@@ -110,10 +106,31 @@ impl Engine {
             input,
         };
         let timeout = node.timeout.unwrap_or(DEFAULT_TIMEOUT);
-        Ok(match tokio::time::timeout(timeout, adapter.call(&call)).await {
-            Ok(result) => result,
-            Err(_) => Err(AdapterError::Timeout(timeout)),
-        })
+        let outcome = match tokio::time::timeout(timeout, self.adapters.run(&call)).await {
+            Ok(outcome) => outcome,
+            Err(_) => return Ok(Err(AdapterError::Timeout(timeout))),
+        };
+        self.record_calls(message, &outcome.calls).await?;
+        Ok(outcome.result)
+    }
+
+    /// Writes the audit rows of the calls an attempt made and counts them in metrics.
+    async fn record_calls(&self, message: &TaskMessage, calls: &[ModelCall]) -> Result<(), EngineError> {
+        self.store
+            .record_model_calls(message.run_id, &message.node_id, message.attempt, calls)
+            .await?;
+        for call in calls {
+            let (profile, provider) = (call.profile.clone(), call.provider);
+            metrics::counter!(telemetry::MODEL_CALLS_TOTAL, "profile" => profile.clone(), "provider" => provider, "status" => call.status.clone())
+                .increment(1);
+            metrics::histogram!(telemetry::MODEL_CALL_DURATION, "profile" => profile.clone(), "provider" => provider)
+                .record(call.latency.as_secs_f64());
+            metrics::counter!(telemetry::MODEL_TOKENS_TOTAL, "profile" => profile.clone(), "kind" => "prompt")
+                .increment(call.usage.prompt_tokens.max(0) as u64);
+            metrics::counter!(telemetry::MODEL_TOKENS_TOTAL, "profile" => profile, "kind" => "completion")
+                .increment(call.usage.completion_tokens.max(0) as u64);
+        }
+        Ok(())
     }
 
     /// Records the outcome, advances the DAG and publishes what became ready.

@@ -176,7 +176,7 @@ impl Worker {
         let connection = broker::connect(&self.settings.amqp_url, "worker").await?;
         let topology = Topology::new(&self.settings.namespace);
         let publisher = Arc::new(Publisher::open(&connection, topology.clone()).await?);
-        let engine = Engine::new(store.clone(), publisher.clone(), Registry::new(self.settings.file.clone()));
+        let engine = Engine::new(store.clone(), publisher.clone(), Registry::new(&self.settings.file));
         let (lost_tx, mut lost) = mpsc::channel(4);
         let consuming = Consuming {
             engine,

@@ -8,7 +8,10 @@ use tokio_postgres::NoTls;
 use super::{Store, StoreError};
 
 /// (version, name, SQL), in the order they apply.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "0001_core", include_str!("../../sql/0001_core.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "0001_core", include_str!("../../sql/0001_core.sql")),
+    (2, "0002_model_calls", include_str!("../../sql/0002_model_calls.sql")),
+];
 
 /// Arbitrary constant that identifies dagq's migration lock among advisory locks.
 const MIGRATION_LOCK: i64 = 0x6461_6771_6d69_67;

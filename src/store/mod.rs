@@ -1,6 +1,7 @@
 //! Postgres: the source of truth. The pool, migrations, and the queries of each table.
 
 mod migrate;
+mod model_calls;
 pub(crate) mod nodes;
 pub(crate) mod runs;
 mod workflows;
@@ -12,7 +13,9 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
 pub use nodes::{Claim, NodeOutput, QueuedTask, RunContext};
-pub use runs::{NewRun, NodeStatus, RunFilter, RunStatus, RunSummary, StartedRun, TransitionRow};
+pub use runs::{
+    NewRun, NodeStatus, RunFilter, RunStatus, RunSummary, StartedRun, Totals, TransitionRow,
+};
 pub use workflows::{AppliedWorkflow, WorkflowSummary};
 
 /// A database failure, classified for the caller's retry decision.

@@ -141,6 +141,14 @@ pub struct NodeStatus {
     pub started_at: Option<DateTime<Utc>>,
     /// When it reached its final state.
     pub finished_at: Option<DateTime<Utc>>,
+    /// Model calls made for it, every attempt and fallback included.
+    pub model_calls: i64,
+    /// Prompt tokens of those calls.
+    pub prompt_tokens: i64,
+    /// Completion tokens of those calls.
+    pub completion_tokens: i64,
+    /// Their cost, when the profiles are priced.
+    pub cost: Option<f64>,
 }
 
 /// A run and all its nodes.
@@ -153,6 +161,21 @@ pub struct RunStatus {
     pub input: Value,
     /// Its nodes, in workflow order of first transition.
     pub nodes: Vec<NodeStatus>,
+    /// Token and cost totals over every node.
+    pub totals: Totals,
+}
+
+/// Token and cost totals of a run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Totals {
+    /// Model calls.
+    pub model_calls: i64,
+    /// Prompt tokens.
+    pub prompt_tokens: i64,
+    /// Completion tokens.
+    pub completion_tokens: i64,
+    /// Cost, when priced.
+    pub cost: Option<f64>,
 }
 
 /// One row of `transitions`.
@@ -212,8 +235,13 @@ impl Store {
         let nodes = client
             .query(
                 "SELECT node_id, state, attempt, queue, type, output, error,
-                        queued_at, started_at, finished_at
-                 FROM node_runs n WHERE run_id = $1
+                        queued_at, started_at, finished_at,
+                        coalesce(c.calls, 0), coalesce(c.prompt, 0), coalesce(c.completion, 0), c.cost
+                 FROM node_runs n
+                 LEFT JOIN (SELECT node_id AS cn, count(*) AS calls, sum(prompt_tokens)::bigint AS prompt,
+                                   sum(completion_tokens)::bigint AS completion, sum(cost) AS cost
+                            FROM model_calls WHERE run_id = $1 GROUP BY node_id) c ON c.cn = n.node_id
+                 WHERE run_id = $1
                  ORDER BY (SELECT min(id) FROM transitions t
                            WHERE t.run_id = n.run_id AND t.node_id = n.node_id)",
                 &[&id],
@@ -231,12 +259,23 @@ impl Store {
                 queued_at: r.get(7),
                 started_at: r.get(8),
                 finished_at: r.get(9),
+                model_calls: r.get(10),
+                prompt_tokens: r.get(11),
+                completion_tokens: r.get(12),
+                cost: r.get(13),
             })
-            .collect();
+            .collect::<Vec<_>>();
+        let totals = Totals {
+            model_calls: nodes.iter().map(|n| n.model_calls).sum(),
+            prompt_tokens: nodes.iter().map(|n| n.prompt_tokens).sum(),
+            completion_tokens: nodes.iter().map(|n| n.completion_tokens).sum(),
+            cost: nodes.iter().filter_map(|n| n.cost).reduce(|a, b| a + b),
+        };
         Ok(Some(RunStatus {
             run: run_summary(&row),
             input: row.get(7),
             nodes,
+            totals,
         }))
     }
 
