@@ -7,7 +7,7 @@ mod topology;
 use lapin::{Connection, ConnectionProperties};
 
 pub use publisher::{DeadLetter, Publisher, headers};
-pub use topology::{Topology, MAX_PRIORITY};
+pub use topology::{MAX_PRIORITY, RETRY_TIERS, Topology, retry_tier};
 
 /// A broker failure.
 #[derive(Debug, thiserror::Error)]

@@ -97,6 +97,25 @@ impl Publisher {
             .await
     }
 
+    /// Publishes a task message that waits `delay` (rounded up to a retry tier) before
+    /// it reaches task queue `queue`. Returns the tier it waits in.
+    pub async fn publish_retry(
+        &self,
+        queue: &str,
+        body: &[u8],
+        priority: u8,
+        delay: std::time::Duration,
+    ) -> Result<std::time::Duration, BrokerError> {
+        // The expiry dead-letters to the tasks exchange, which drops what no queue takes:
+        // the task queue must exist before the message waits.
+        self.ensure_task_queue(queue).await?;
+        let tier = super::topology::retry_tier(delay);
+        let properties = json_properties().with_priority(priority.min(super::MAX_PRIORITY));
+        self.publish_confirmed(&self.topology.retry_exchange(tier), queue, body, properties)
+            .await?;
+        Ok(tier)
+    }
+
     /// Publishes a CloudEvent (JSON) to the events exchange with its type as routing key.
     pub async fn publish_event(&self, event_type: &str, body: &[u8], priority: u8) -> Result<(), BrokerError> {
         let properties = json_properties()

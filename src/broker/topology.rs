@@ -1,6 +1,8 @@
 //! Names and declarations of every exchange and queue, all under one namespace so that
 //! deployments and tests can share a broker. Declarations are idempotent.
 
+use std::time::Duration;
+
 use lapin::options::{
     ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
     QueueDeleteOptions,
@@ -12,6 +14,37 @@ use super::BrokerError;
 
 /// Highest message priority; task and trigger queues are declared with it.
 pub const MAX_PRIORITY: u8 = 9;
+
+/// Delays of the retry queues. Each queue has one TTL, so that no message waits behind a
+/// longer one (per-message TTLs only expire at the head of a queue); a retry waits in the
+/// shortest tier at least as long as its delay.
+pub const RETRY_TIERS: &[Duration] = &[
+    Duration::from_millis(250),
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(5),
+    Duration::from_secs(10),
+    Duration::from_secs(30),
+    Duration::from_secs(60),
+    Duration::from_secs(120),
+    Duration::from_secs(300),
+    Duration::from_secs(900),
+    Duration::from_secs(3600),
+];
+
+/// The tier a retry after `delay` waits in: the shortest at least as long, or the longest.
+pub fn retry_tier(delay: Duration) -> Duration {
+    RETRY_TIERS
+        .iter()
+        .copied()
+        .find(|tier| *tier >= delay)
+        .unwrap_or(RETRY_TIERS[RETRY_TIERS.len() - 1])
+}
+
+fn tier_name(tier: Duration) -> String {
+    humantime::format_duration(tier).to_string().replace(' ', "")
+}
 
 /// The namespaced names of dagq's exchanges and queues.
 #[derive(Debug, Clone)]
@@ -62,7 +95,19 @@ impl Topology {
         format!("{}.dead", self.namespace)
     }
 
-    /// Declares the exchanges, the trigger queue and the dead-letter queue.
+    /// Fanout exchange of one retry tier. Messages keep the routing key they were
+    /// published with (the task queue), which is what their expiry dead-letters them by.
+    pub fn retry_exchange(&self, tier: Duration) -> String {
+        format!("{}.retry.{}", self.namespace, tier_name(tier))
+    }
+
+    /// Queue of one retry tier: messages wait there for the tier's TTL.
+    pub fn retry_queue(&self, tier: Duration) -> String {
+        self.retry_exchange(tier)
+    }
+
+    /// Declares the exchanges, the trigger queue, the retry tiers and the dead-letter
+    /// queue.
     pub async fn declare_base(&self, channel: &Channel) -> Result<(), BrokerError> {
         let durable = ExchangeDeclareOptions {
             durable: true,
@@ -81,6 +126,17 @@ impl Topology {
         bind(channel, &self.triggers_queue(), &self.events_exchange(), "#").await?;
         declare_queue(channel, &self.dead_queue(), FieldTable::default()).await?;
         bind(channel, &self.dead_queue(), &self.dead_exchange(), "").await?;
+        for tier in RETRY_TIERS {
+            let exchange = self.retry_exchange(*tier);
+            channel
+                .exchange_declare(exchange.as_str().into(), ExchangeKind::Fanout, durable, FieldTable::default())
+                .await?;
+            let mut args = FieldTable::default();
+            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(tier.as_millis() as i64));
+            args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.tasks_exchange().as_str().into()));
+            declare_queue(channel, &self.retry_queue(*tier), args).await?;
+            bind(channel, &self.retry_queue(*tier), &exchange, "").await?;
+        }
         Ok(())
     }
 
@@ -97,12 +153,15 @@ impl Topology {
     pub async fn delete(&self, channel: &Channel, task_queues: &[String]) -> Result<(), BrokerError> {
         let mut queues = vec![self.triggers_queue(), self.dead_queue()];
         queues.extend(task_queues.iter().map(|q| self.task_queue(q)));
+        queues.extend(RETRY_TIERS.iter().map(|t| self.retry_queue(*t)));
         for queue in queues {
             channel
                 .queue_delete(queue.into(), QueueDeleteOptions::default())
                 .await?;
         }
-        for exchange in [self.events_exchange(), self.tasks_exchange(), self.dead_exchange()] {
+        let mut exchanges = vec![self.events_exchange(), self.tasks_exchange(), self.dead_exchange()];
+        exchanges.extend(RETRY_TIERS.iter().map(|t| self.retry_exchange(*t)));
+        for exchange in exchanges {
             channel
                 .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
                 .await?;
@@ -135,4 +194,19 @@ async fn bind(channel: &Channel, queue: &str, exchange: &str, key: &str) -> Resu
         )
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_wait_in_the_shortest_tier_long_enough() {
+        assert_eq!(retry_tier(Duration::from_millis(10)), Duration::from_millis(250));
+        assert_eq!(retry_tier(Duration::from_millis(1500)), Duration::from_secs(2));
+        assert_eq!(retry_tier(Duration::from_secs(7200)), Duration::from_secs(3600));
+        let topology = Topology::new("ns");
+        assert_eq!(topology.retry_queue(Duration::from_millis(250)), "ns.retry.250ms");
+        assert_eq!(topology.retry_queue(Duration::from_secs(120)), "ns.retry.2m");
+    }
 }

@@ -3,8 +3,11 @@
 //! process that consumes all of it.
 
 pub mod dag;
+mod finish;
 pub mod messages;
 mod publish;
+mod redrive;
+pub mod retry;
 mod task;
 mod trigger;
 mod worker;

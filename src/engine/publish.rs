@@ -5,7 +5,15 @@ use futures::future::try_join_all;
 use super::{Engine, EngineError, TaskMessage};
 use crate::broker::DeadLetter;
 use crate::store::{QueuedTask, RunContext};
-use crate::workflow::Workflow;
+use crate::workflow::{Workflow, queue_of};
+
+/// A node's own priority, else its run's.
+fn task_priority(workflow: &Workflow, run: &RunContext, node_id: &str) -> u8 {
+    workflow
+        .node(node_id)
+        .and_then(|n| n.priority)
+        .unwrap_or(run.priority.clamp(0, 9) as u8)
+}
 
 impl Engine {
     /// Publishes one task message per queued node and waits for every confirm. The
@@ -17,10 +25,7 @@ impl Engine {
         tasks: &[QueuedTask],
     ) -> Result<(), EngineError> {
         let publishes = tasks.iter().map(|task| {
-            let priority = workflow
-                .node(&task.node_id)
-                .and_then(|n| n.priority)
-                .unwrap_or(run.priority.clamp(0, 9) as u8);
+            let priority = task_priority(workflow, run, &task.node_id);
             let message = TaskMessage {
                 run_id: run.run_id,
                 node_id: task.node_id.clone(),
@@ -38,6 +43,29 @@ impl Engine {
             }
         });
         try_join_all(publishes).await?;
+        Ok(())
+    }
+
+    /// Publishes the next attempt of `failed`'s node to wait `delay` in a retry tier.
+    pub(super) async fn publish_retry(
+        &self,
+        workflow: &Workflow,
+        run: &RunContext,
+        failed: &TaskMessage,
+        delay: std::time::Duration,
+    ) -> Result<(), EngineError> {
+        let next = TaskMessage {
+            attempt: failed.attempt + 1,
+            ..failed.clone()
+        };
+        let queue = match &next.queue {
+            Some(queue) => queue.clone(),
+            None => workflow.node(&next.node_id).map(queue_of).unwrap_or_default(),
+        };
+        let body = serde_json::to_vec(&next).expect("a task message always serializes");
+        self.publisher
+            .publish_retry(&queue, &body, task_priority(workflow, run, &next.node_id), delay)
+            .await?;
         Ok(())
     }
 

@@ -6,21 +6,16 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::dag::{Finished, settle, template_context};
+use super::dag::template_context;
 use super::messages::{Poison, parse_task};
 use super::{Engine, EngineError, Handled, TaskMessage};
 use crate::adapter::{AdapterError, Call, ModelCall};
-use crate::broker::DeadLetter;
-use crate::store::{self, Claim, RunContext, StoreError};
+use crate::store::{self, Claim, RunContext};
 use crate::telemetry;
 use crate::workflow::{Workflow, template};
 
 /// How long one attempt may take when the node sets no `timeout`.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// How often a transaction that hit a deadlock or lost connection is retried in-process
-/// before the message is requeued.
-const COMMIT_ATTEMPTS: u32 = 3;
 
 impl Engine {
     /// Handles one task message from `queue`.
@@ -68,10 +63,12 @@ impl Engine {
         };
         let Some(workflow) = self.workflow(&run.workflow, run.version).await? else {
             let error = format!("workflow \"{}\" version {} is not stored", run.workflow, run.version);
-            return self.finish(message, fence, &run, None, Err(error), started).await;
+            return self
+                .finish(message, fence, &run, None, Err(AdapterError::Config(error)), started)
+                .await;
         };
         let result = self.execute(&workflow, &run, message).await?;
-        self.finish(message, fence, &run, Some(&workflow), result.map_err(|e| e.to_string()), started)
+        self.finish(message, fence, &run, Some(&workflow), result, started)
             .await
     }
 
@@ -133,113 +130,6 @@ impl Engine {
         Ok(())
     }
 
-    /// Records the outcome, advances the DAG and publishes what became ready.
-    async fn finish(
-        &self,
-        message: &TaskMessage,
-        fence: i64,
-        run: &RunContext,
-        workflow: Option<&Workflow>,
-        result: Result<Value, String>,
-        started: Instant,
-    ) -> Result<Handled, EngineError> {
-        let (outcome, output, error) = match result {
-            Ok(output) => (Finished::Completed, Some(output), None),
-            Err(error) => (Finished::Failed, None, Some(error)),
-        };
-        let mut tries = 0;
-        let settled = loop {
-            tries += 1;
-            match self.commit_finish(message, fence, run, workflow, outcome, output.as_ref(), error.as_deref()).await {
-                Ok(settled) => break settled,
-                Err(e) if e.is_retryable() && tries < COMMIT_ATTEMPTS => {
-                    tracing::debug!(error = %e, "retrying the finishing transaction");
-                    tokio::time::sleep(Duration::from_millis(20 * u64::from(tries))).await;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
-        let Some(settled) = settled else {
-            tracing::warn!(run = %message.run_id, node = %message.node_id, attempt = message.attempt,
-                "another worker took this node over; dropping this result");
-            return Ok(Handled::Done("fenced"));
-        };
-        if let Some(workflow) = workflow {
-            self.publish_tasks(workflow, run, &settled.queued).await?;
-        }
-        if let Some(error) = &error {
-            self.publish_dead(&failure_letter(message, error)).await?;
-        }
-        if let Some(state) = &settled.run_finished {
-            self.record_run_finished(run, state);
-        }
-        let label = outcome.as_str();
-        let queue = message.queue.clone().unwrap_or_default();
-        let kind = message.kind.clone().unwrap_or_default();
-        metrics::histogram!(telemetry::TASK_DURATION, "queue" => queue, "type" => kind)
-            .record(started.elapsed().as_secs_f64());
-        match &error {
-            Some(error) => tracing::warn!(run = %message.run_id, node = %message.node_id, attempt = message.attempt, %error, "node failed"),
-            None => tracing::debug!(run = %message.run_id, node = %message.node_id, attempt = message.attempt, "node completed"),
-        }
-        Ok(Handled::Done(label))
-    }
-
-    /// The finishing transaction; `None` when the fence is stale.
-    #[allow(clippy::too_many_arguments)]
-    async fn commit_finish(
-        &self,
-        message: &TaskMessage,
-        fence: i64,
-        run: &RunContext,
-        workflow: Option<&Workflow>,
-        outcome: Finished,
-        output: Option<&Value>,
-        error: Option<&str>,
-    ) -> Result<Option<super::dag::Settled>, StoreError> {
-        let mut client = self.store.client().await?;
-        let tx = client.transaction().await?;
-        let fenced_in = store::nodes::finish(&tx, message.run_id, &message.node_id, fence, outcome.as_str(), output, error).await?;
-        if !fenced_in {
-            return Ok(None);
-        }
-        let settled = match workflow {
-            Some(workflow) => settle(&tx, workflow, run, Vec::new(), vec![(message.node_id.clone(), outcome)]).await?,
-            None => {
-                let run_finished = store::nodes::count_finished_nodes(&tx, run.run_id, 1, 1).await?;
-                super::dag::Settled { queued: Vec::new(), run_finished }
-            }
-        };
-        tx.commit().await?;
-        Ok(Some(settled))
-    }
-
-    /// A redelivered message for a node already past it: republish what its earlier
-    /// processing committed but may not have published (children still queued, the dead
-    /// letter of a failure).
-    async fn redrive(&self, message: &TaskMessage, state: &str) -> Result<(), EngineError> {
-        let client = self.store.client().await?;
-        let run = store::nodes::run_context(&client, message.run_id).await?;
-        let Some(workflow) = self.workflow(&run.workflow, run.version).await? else {
-            return Ok(());
-        };
-        match state {
-            "completed" | "failed" | "skipped" => {
-                let children: Vec<String> = workflow.children_of(&message.node_id).map(|n| n.id.clone()).collect();
-                let queued = store::nodes::queued_tasks(&client, run.run_id, Some(&children)).await?;
-                drop(client);
-                tracing::info!(run = %run.run_id, node = %message.node_id, republished = queued.len(), "re-drove a redelivered task");
-                self.publish_tasks(&workflow, &run, &queued).await?;
-                if state == "failed" {
-                    let error = "node failed (re-driven dead letter)";
-                    self.publish_dead(&failure_letter(message, error)).await?;
-                }
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-
     /// Counts a finished run in the metrics.
     pub(super) fn record_run_finished(&self, run: &RunContext, state: &str) {
         metrics::counter!(telemetry::RUNS_TOTAL, "workflow" => run.workflow.clone(), "outcome" => state.to_owned())
@@ -257,16 +147,4 @@ impl Engine {
 fn uuid_time(id: &uuid::Uuid) -> Option<chrono::DateTime<chrono::Utc>> {
     let (secs, nanos) = id.get_timestamp()?.to_unix();
     chrono::DateTime::from_timestamp(secs as i64, nanos)
-}
-
-fn failure_letter(message: &TaskMessage, error: &str) -> DeadLetter {
-    DeadLetter {
-        reason: "task_failed".into(),
-        detail: format!(
-            "run {} node \"{}\" attempt {} failed: {error}",
-            message.run_id, message.node_id, message.attempt
-        ),
-        source_queue: message.queue.clone().unwrap_or_default(),
-        body: serde_json::to_vec(message).expect("a task message always serializes"),
-    }
 }

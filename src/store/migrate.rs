@@ -11,6 +11,7 @@ use super::{Store, StoreError};
 const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "0001_core", include_str!("../../sql/0001_core.sql")),
     (2, "0002_model_calls", include_str!("../../sql/0002_model_calls.sql")),
+    (3, "0003_retries", include_str!("../../sql/0003_retries.sql")),
 ];
 
 /// Arbitrary constant that identifies dagq's migration lock among advisory locks.

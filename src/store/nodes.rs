@@ -70,8 +70,9 @@ pub struct QueuedTask {
     pub kind: String,
 }
 
-/// Claims `(run, node, attempt)`: `queued → running`, or `running → running` with a new
-/// fence when `take_over` (a redelivered message whose worker died).
+/// Claims `(run, node, attempt)`: `queued → running`; `retrying → queued → running` when
+/// the message is the retry's (attempt one more than the node's); or `running → running`
+/// with a new fence when `take_over` (a redelivered message whose worker died).
 pub(crate) async fn claim(
     client: &impl GenericClient,
     run_id: Uuid,
@@ -86,14 +87,21 @@ pub(crate) async fn claim(
                  WHERE run_id = $1 AND node_id = $2 FOR UPDATE
              ), claimed AS (
                  UPDATE node_runs n
-                 SET state = 'running', fence = n.fence + 1, started_at = now()
+                 SET state = 'running', attempt = $3, fence = n.fence + 1, started_at = now(),
+                     retry_at = NULL
                  FROM old
-                 WHERE n.run_id = $1 AND n.node_id = $2 AND n.attempt = $3
-                   AND (old.state = 'queued' OR (old.state = 'running' AND $4))
+                 WHERE n.run_id = $1 AND n.node_id = $2
+                   AND ((old.state = 'queued' AND old.attempt = $3)
+                     OR (old.state = 'retrying' AND old.attempt + 1 = $3)
+                     OR (old.state = 'running' AND old.attempt = $3 AND $4))
                  RETURNING n.fence, old.state AS from_state
              ), logged AS (
                  INSERT INTO transitions (run_id, node_id, from_state, to_state, attempt)
-                 SELECT $1, $2, from_state, 'running', $3 FROM claimed
+                 SELECT $1, $2, 'retrying', 'queued', $3 FROM claimed WHERE from_state = 'retrying'
+                 UNION ALL
+                 SELECT $1, $2, CASE from_state WHEN 'retrying' THEN 'queued' ELSE from_state END,
+                        'running', $3
+                 FROM claimed
              )
              SELECT old.state, old.attempt, claimed.fence, claimed.from_state,
                     r.workflow, r.version, r.event, r.input, r.priority
@@ -200,6 +208,49 @@ pub(crate) async fn finish(
         .query(&stmt, &[&run_id, &node_id, &fence, &state, &output, &error])
         .await?;
     Ok(!rows.is_empty())
+}
+
+/// `running → retrying` for the holder of `fence`, due at `retry_at`. Returns false when
+/// the fence is stale.
+pub(crate) async fn schedule_retry(
+    client: &impl GenericClient,
+    run_id: Uuid,
+    node_id: &str,
+    fence: i64,
+    error: &str,
+    retry_at: chrono::DateTime<chrono::Utc>,
+) -> Result<bool, StoreError> {
+    let stmt = client
+        .prepare_cached(
+            "WITH r AS (
+                 UPDATE node_runs SET state = 'retrying', error = $4, retry_at = $5
+                 WHERE run_id = $1 AND node_id = $2 AND fence = $3 AND state = 'running'
+                 RETURNING attempt
+             )
+             INSERT INTO transitions (run_id, node_id, from_state, to_state, attempt, detail)
+             SELECT $1, $2, 'running', 'retrying', attempt, $4 FROM r
+             RETURNING attempt",
+        )
+        .await?;
+    let rows = client
+        .query(&stmt, &[&run_id, &node_id, &fence, &error, &retry_at])
+        .await?;
+    Ok(!rows.is_empty())
+}
+
+/// When a node waiting in `retrying` is due, if it is.
+pub(crate) async fn retry_due(
+    client: &impl GenericClient,
+    run_id: Uuid,
+    node_id: &str,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, StoreError> {
+    let row = client
+        .query_opt(
+            "SELECT retry_at FROM node_runs WHERE run_id = $1 AND node_id = $2 AND state = 'retrying'",
+            &[&run_id, &node_id],
+        )
+        .await?;
+    Ok(row.and_then(|r| r.get(0)))
 }
 
 /// Counts one finished dependency for each of `children` still `pending`, returning

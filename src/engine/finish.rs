@@ -1,0 +1,175 @@
+//! Recording an attempt's outcome: complete or fail the node and advance the DAG in one
+//! transaction, or schedule a retry; then publish what that committed.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::dag::{Finished, Settled, settle};
+use super::retry::next_delay;
+use super::{Engine, EngineError, Handled, TaskMessage};
+use crate::adapter::AdapterError;
+use crate::broker::DeadLetter;
+use crate::store::{self, RunContext, StoreError};
+use crate::telemetry;
+use crate::workflow::Workflow;
+
+/// How often a transaction that hit a deadlock or a lost connection is retried
+/// in-process before the message is requeued.
+const COMMIT_ATTEMPTS: u32 = 3;
+
+impl Engine {
+    /// Records the outcome of an attempt and publishes its follow-ups.
+    pub(super) async fn finish(
+        &self,
+        message: &TaskMessage,
+        fence: i64,
+        run: &RunContext,
+        workflow: Option<&Workflow>,
+        result: Result<Value, AdapterError>,
+        started: Instant,
+    ) -> Result<Handled, EngineError> {
+        let node = workflow.and_then(|w| w.node(&message.node_id));
+        let outcome = match &result {
+            Ok(_) => Finished::Completed,
+            Err(error) => {
+                let policy = node.and_then(|n| n.retry.clone()).unwrap_or_default();
+                if let (Some(workflow), Some(delay)) = (workflow, next_delay(&policy, message.attempt, error)) {
+                    return self.retry_later(message, fence, run, workflow, error, delay).await;
+                }
+                Finished::Failed
+            }
+        };
+        let (output, error) = match result {
+            Ok(output) => (Some(output), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        let settled = with_commit_retries(|| {
+            self.commit_finish(message, fence, run, workflow, outcome, output.as_ref(), error.as_deref())
+        })
+        .await?;
+        let Some(settled) = settled else {
+            return Ok(fenced(message));
+        };
+        if let Some(workflow) = workflow {
+            self.publish_tasks(workflow, run, &settled.queued).await?;
+        }
+        if let Some(error) = &error {
+            self.publish_dead(&failure_letter(message, error)).await?;
+        }
+        if let Some(state) = &settled.run_finished {
+            self.record_run_finished(run, state);
+        }
+        metrics::histogram!(telemetry::TASK_DURATION,
+            "queue" => message.queue.clone().unwrap_or_default(),
+            "type" => message.kind.clone().unwrap_or_default())
+        .record(started.elapsed().as_secs_f64());
+        match &error {
+            Some(error) => tracing::warn!(run = %message.run_id, node = %message.node_id, attempt = message.attempt,
+                %error, "node failed"),
+            None => tracing::debug!(run = %message.run_id, node = %message.node_id, attempt = message.attempt,
+                "node completed"),
+        }
+        Ok(Handled::Done(outcome.as_str()))
+    }
+
+    /// `running → retrying`, then the next attempt's message into the retry tier that
+    /// holds it for `delay`. No worker sleeps meanwhile.
+    async fn retry_later(
+        &self,
+        message: &TaskMessage,
+        fence: i64,
+        run: &RunContext,
+        workflow: &Workflow,
+        error: &AdapterError,
+        delay: Duration,
+    ) -> Result<Handled, EngineError> {
+        let retry_at = chrono::Utc::now() + delay;
+        let text = error.to_string();
+        let fenced_in = with_commit_retries(|| async {
+            let client = self.store.client().await?;
+            store::nodes::schedule_retry(&client, message.run_id, &message.node_id, fence, &text, retry_at).await
+        })
+        .await?;
+        if !fenced_in {
+            return Ok(fenced(message));
+        }
+        self.publish_retry(workflow, run, message, delay).await?;
+        tracing::warn!(run = %message.run_id, node = %message.node_id, attempt = message.attempt,
+            error = %text, retry_in = ?delay, "attempt failed; retrying");
+        Ok(Handled::Done("retried"))
+    }
+
+    /// The finishing transaction; `None` when the fence is stale.
+    #[allow(clippy::too_many_arguments)]
+    async fn commit_finish(
+        &self,
+        message: &TaskMessage,
+        fence: i64,
+        run: &RunContext,
+        workflow: Option<&Workflow>,
+        outcome: Finished,
+        output: Option<&Value>,
+        error: Option<&str>,
+    ) -> Result<Option<Settled>, StoreError> {
+        let mut client = self.store.client().await?;
+        let tx = client.transaction().await?;
+        let fenced_in =
+            store::nodes::finish(&tx, message.run_id, &message.node_id, fence, outcome.as_str(), output, error).await?;
+        if !fenced_in {
+            return Ok(None);
+        }
+        let settled = match workflow {
+            Some(workflow) => {
+                settle(&tx, workflow, run, Vec::new(), vec![(message.node_id.clone(), outcome)]).await?
+            }
+            // Without its workflow the DAG cannot advance: count the node, close the run
+            // if it was the last, and leave the rest for an operator.
+            None => Settled {
+                queued: Vec::new(),
+                run_finished: store::nodes::count_finished_nodes(&tx, run.run_id, 1, 1).await?,
+            },
+        };
+        tx.commit().await?;
+        Ok(Some(settled))
+    }
+}
+
+/// Runs a database step, retrying it in-process on deadlocks and lost connections.
+async fn with_commit_retries<T, F, Fut>(mut step: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match step().await {
+            Ok(value) => return Ok(value),
+            Err(e) if e.is_retryable() && tries < COMMIT_ATTEMPTS => {
+                tracing::debug!(error = %e, "retrying a transaction");
+                tokio::time::sleep(Duration::from_millis(20 * u64::from(tries))).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn fenced(message: &TaskMessage) -> Handled {
+    tracing::warn!(run = %message.run_id, node = %message.node_id, attempt = message.attempt,
+        "another worker took this node over; dropping this result");
+    Handled::Done("fenced")
+}
+
+/// The dead letter of a node that failed for good.
+pub(super) fn failure_letter(message: &TaskMessage, error: &str) -> DeadLetter {
+    DeadLetter {
+        reason: "task_failed".into(),
+        detail: format!(
+            "run {} node \"{}\" attempt {} failed: {error}",
+            message.run_id, message.node_id, message.attempt
+        ),
+        source_queue: message.queue.clone().unwrap_or_default(),
+        body: serde_json::to_vec(message).expect("a task message always serializes"),
+    }
+}

@@ -1,0 +1,44 @@
+//! Re-driving (DESIGN §4 rule 3): a redelivered message whose node is already past it
+//! republishes what its earlier processing committed but may not have published, so a
+//! crash between commit and publish loses nothing. The `node_runs` rows are the outbox.
+
+use std::time::Duration;
+
+use super::finish::failure_letter;
+use super::{Engine, EngineError, TaskMessage};
+use crate::store;
+
+impl Engine {
+    /// Republishes the follow-ups of `message`'s node, now in `state`.
+    pub(super) async fn redrive(&self, message: &TaskMessage, state: &str) -> Result<(), EngineError> {
+        let client = self.store.client().await?;
+        let run = store::nodes::run_context(&client, message.run_id).await?;
+        let Some(workflow) = self.workflow(&run.workflow, run.version).await? else {
+            return Ok(());
+        };
+        match state {
+            "completed" | "failed" | "skipped" => {
+                let children: Vec<String> = workflow.children_of(&message.node_id).map(|n| n.id.clone()).collect();
+                let queued = store::nodes::queued_tasks(&client, run.run_id, Some(&children)).await?;
+                drop(client);
+                tracing::info!(run = %run.run_id, node = %message.node_id, republished = queued.len(),
+                    "re-drove a redelivered task");
+                self.publish_tasks(&workflow, &run, &queued).await?;
+                if state == "failed" {
+                    self.publish_dead(&failure_letter(message, "node failed (re-driven dead letter)")).await?;
+                }
+            }
+            "retrying" => {
+                let due = store::nodes::retry_due(&client, run.run_id, &message.node_id).await?;
+                drop(client);
+                let delay = due
+                    .map(|at| (at - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO))
+                    .unwrap_or(Duration::ZERO);
+                tracing::info!(run = %run.run_id, node = %message.node_id, "re-drove a pending retry");
+                self.publish_retry(&workflow, &run, message, delay).await?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
