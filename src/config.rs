@@ -148,7 +148,7 @@ fn default_breaker_cooldown() -> Duration {
 }
 
 /// `[alerts]`: notifier destinations.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlertsConfig {
     /// Generic JSON webhooks.
@@ -163,6 +163,26 @@ pub struct AlertsConfig {
     /// Where incidents are posted (e.g. a ticket system).
     #[serde(default)]
     pub incident_webhook: Option<String>,
+    /// At most one alert per subject within this window; the rest are counted and
+    /// reported with the next one.
+    #[serde(default = "default_alert_window", with = "humantime_serde")]
+    pub window: Duration,
+}
+
+fn default_alert_window() -> Duration {
+    Duration::from_secs(300)
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            webhooks: Vec::new(),
+            slack_webhooks: Vec::new(),
+            email: None,
+            incident_webhook: None,
+            window: default_alert_window(),
+        }
+    }
 }
 
 /// `[alerts.email]`.

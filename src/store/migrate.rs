@@ -12,6 +12,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "0001_core", include_str!("../../sql/0001_core.sql")),
     (2, "0002_model_calls", include_str!("../../sql/0002_model_calls.sql")),
     (3, "0003_retries", include_str!("../../sql/0003_retries.sql")),
+    (4, "0004_dead_letters_incidents", include_str!("../../sql/0004_dead_letters_incidents.sql")),
 ];
 
 /// Arbitrary constant that identifies dagq's migration lock among advisory locks.
