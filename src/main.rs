@@ -106,6 +106,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Rerun a failed run from its failed node(s), keeping upstream outputs.
+    Retry {
+        /// Run id.
+        run_id: Uuid,
+        /// Rerun from this node (and everything downstream) instead of the failed ones.
+        #[arg(long)]
+        node: Option<String>,
+        /// Replace the run's input: JSON or @FILE.
+        #[arg(long)]
+        input: Option<String>,
+    },
+    /// Cancel a running run.
+    Cancel {
+        /// Run id.
+        run_id: Uuid,
+    },
+    /// Inspect and replay dead letters.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
     /// Run the code-review scenario end to end on the local services and a mock model.
     Demo,
     /// Serve a deterministic OpenAI- and Anthropic-compatible model API.
@@ -122,6 +141,31 @@ enum Command {
         /// HTTP status of injected failures.
         #[arg(long, default_value_t = 500)]
         fail_status: u16,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DlqCommand {
+    /// List dead letters, newest first.
+    List {
+        /// Include replayed ones.
+        #[arg(long)]
+        all: bool,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replay dead letters: a failed task's node runs again; a poison message returns to its queue.
+    Replay {
+        /// Dead-letter ids.
+        #[arg(required_unless_present = "all")]
+        ids: Vec<Uuid>,
+        /// Every dead letter not yet replayed.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
     },
 }
 
@@ -249,6 +293,37 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&runs)?);
             } else {
                 print!("{}", commands::format_runs(&runs));
+            }
+        }
+        Command::Retry { run_id, node, input } => {
+            let input = input.map(|i| json_argument("--input", &i)).transpose()?;
+            let session = commands::OperatorSession::open(&settings).await?;
+            let result = session.retry(run_id, node.as_deref(), input).await;
+            session.close().await;
+            println!("{}", result?);
+        }
+        Command::Cancel { run_id } => {
+            let session = commands::OperatorSession::open(&settings).await?;
+            let result = session.cancel(run_id).await;
+            session.close().await;
+            println!("{}", result?);
+        }
+        Command::Dlq(DlqCommand::List { all, limit, json }) => {
+            Store::migrate(&settings.database_url).await?;
+            let store = Store::connect(&settings.database_url, 1)?;
+            let letters = store.list_dead_letters(all, limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&letters)?);
+            } else {
+                print!("{}", commands::format_dead_letters(&letters));
+            }
+        }
+        Command::Dlq(DlqCommand::Replay { ids, all }) => {
+            let session = commands::OperatorSession::open(&settings).await?;
+            let result = session.replay(&ids, all).await;
+            session.close().await;
+            for line in result? {
+                println!("{line}");
             }
         }
         Command::Demo => {

@@ -33,6 +33,16 @@ pub mod headers {
     pub const DETAIL: &str = "x-dagq-detail";
     /// Queue the message was taken from.
     pub const SOURCE_QUEUE: &str = "x-dagq-source-queue";
+
+    /// A string header of a received message.
+    pub fn text(properties: &lapin::BasicProperties, name: &str) -> Option<String> {
+        let value = properties.headers().as_ref()?.inner().get(name)?.clone();
+        match value {
+            lapin::types::AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            lapin::types::AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+            _ => None,
+        }
+    }
 }
 
 /// A confirm-mode channel plus the declarations it depends on.

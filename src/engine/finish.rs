@@ -9,7 +9,7 @@ use super::dag::{Finished, Settled, settle};
 use super::retry::next_delay;
 use super::{Engine, EngineError, Handled, TaskMessage};
 use crate::adapter::AdapterError;
-use crate::broker::DeadLetter;
+use crate::broker::{DeadLetter, Topology};
 use crate::store::{self, RunContext, StoreError};
 use crate::telemetry;
 use crate::workflow::Workflow;
@@ -55,7 +55,7 @@ impl Engine {
             self.publish_tasks(workflow, run, &settled.queued).await?;
         }
         if let Some(error) = &error {
-            self.publish_dead(&failure_letter(message, error)).await?;
+            self.publish_dead(&failure_letter(self.publisher.topology(), message, error)).await?;
         }
         if let Some(state) = &settled.run_finished {
             self.record_run_finished(run, state);
@@ -162,14 +162,14 @@ fn fenced(message: &TaskMessage) -> Handled {
 }
 
 /// The dead letter of a node that failed for good.
-pub(super) fn failure_letter(message: &TaskMessage, error: &str) -> DeadLetter {
+pub(super) fn failure_letter(topology: &Topology, message: &TaskMessage, error: &str) -> DeadLetter {
     DeadLetter {
         reason: "task_failed".into(),
         detail: format!(
             "run {} node \"{}\" attempt {} failed: {error}",
             message.run_id, message.node_id, message.attempt
         ),
-        source_queue: message.queue.clone().unwrap_or_default(),
+        source_queue: topology.task_queue(message.queue.as_deref().unwrap_or_default()),
         body: serde_json::to_vec(message).expect("a task message always serializes"),
     }
 }

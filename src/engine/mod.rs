@@ -3,9 +3,11 @@
 //! process that consumes all of it.
 
 pub mod dag;
+mod dead;
 mod finish;
 pub mod messages;
 mod publish;
+mod operate;
 mod redrive;
 pub mod retry;
 mod task;
@@ -32,6 +34,9 @@ pub enum EngineError {
     /// RabbitMQ failed.
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    /// An operator asked for something that cannot be done.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl EngineError {
@@ -40,6 +45,7 @@ impl EngineError {
         match self {
             EngineError::Store(e) => e.is_retryable(),
             EngineError::Broker(e) => e.is_retryable(),
+            EngineError::Invalid(_) => false,
         }
     }
 }

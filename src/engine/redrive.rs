@@ -25,7 +25,7 @@ impl Engine {
                     "re-drove a redelivered task");
                 self.publish_tasks(&workflow, &run, &queued).await?;
                 if state == "failed" {
-                    self.publish_dead(&failure_letter(message, "node failed (re-driven dead letter)")).await?;
+                    self.publish_dead(&failure_letter(self.publisher.topology(), message, "node failed (re-driven dead letter)")).await?;
                 }
             }
             "retrying" => {

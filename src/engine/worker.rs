@@ -54,6 +54,9 @@ impl Default for WorkerOptions {
     }
 }
 
+/// Dead letters are few and each is one insert: a small window is plenty.
+const DEAD_LETTER_PREFETCH: u16 = 16;
+
 /// A worker: `run` it until its shutdown token is cancelled.
 #[derive(Debug)]
 pub struct Worker {
@@ -94,6 +97,7 @@ struct Consuming {
 enum Source {
     Triggers,
     Tasks(String),
+    DeadLetters,
 }
 
 impl Worker {
@@ -188,6 +192,8 @@ impl Worker {
         let prefetch = self.options.concurrency.min(u16::MAX as usize) as u16;
         let triggers = open_channel(&connection, prefetch).await?;
         let trigger_tag = start_consumer(&triggers, &topology.triggers_queue(), Source::Triggers, &consuming).await?;
+        let dead = open_channel(&connection, DEAD_LETTER_PREFETCH).await?;
+        let dead_tag = start_consumer(&dead, &topology.dead_queue(), Source::DeadLetters, &consuming).await?;
         let tasks = open_channel(&connection, prefetch).await?;
         let mut served = BTreeSet::new();
         let mut task_tags = Vec::new();
@@ -232,6 +238,9 @@ impl Worker {
         if outcome.is_ok() {
             let _ = triggers
                 .basic_cancel(trigger_tag.as_str().into(), BasicCancelOptions::default())
+                .await;
+            let _ = dead
+                .basic_cancel(dead_tag.as_str().into(), BasicCancelOptions::default())
                 .await;
             for tag in &task_tags {
                 let _ = tasks
@@ -310,9 +319,11 @@ async fn consume(mut consumer: lapin::Consumer, source: Source, consuming: Consu
 async fn process(engine: &Engine, source: &Source, delivery: Delivery) {
     let inflight = metrics::gauge!(telemetry::WORKER_INFLIGHT);
     inflight.increment(1.0);
+    let topology = engine.publisher.topology();
     let queue = match source {
-        Source::Triggers => engine.publisher.topology().triggers_queue(),
-        Source::Tasks(queue) => queue.clone(),
+        Source::Triggers => topology.triggers_queue(),
+        Source::Tasks(queue) => topology.task_queue(queue),
+        Source::DeadLetters => topology.dead_queue(),
     };
     let result = match source {
         Source::Triggers => {
@@ -323,6 +334,7 @@ async fn process(engine: &Engine, source: &Source, delivery: Delivery) {
             result
         }
         Source::Tasks(queue) => engine.handle_task(&delivery.data, delivery.redelivered, queue).await,
+        Source::DeadLetters => engine.handle_dead(&delivery.data, &delivery.properties).await,
     };
     let settle = match result {
         Ok(Handled::Done(_)) => Settle::Ack,

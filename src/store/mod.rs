@@ -1,5 +1,7 @@
 //! Postgres: the source of truth. The pool, migrations, and the queries of each table.
 
+pub(crate) mod control;
+mod dead_letters;
 mod migrate;
 mod model_calls;
 pub(crate) mod nodes;
@@ -12,6 +14,7 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
+pub use dead_letters::DeadLetterRow;
 pub use nodes::{Claim, NodeOutput, QueuedTask, RunContext};
 pub use runs::{
     NewRun, NodeStatus, RunFilter, RunStatus, RunSummary, StartedRun, Totals, TransitionRow,
