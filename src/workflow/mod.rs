@@ -96,17 +96,15 @@ impl Workflow {
             .nodes
             .iter()
             .map(|node| {
-                let mut texts: Vec<&str> = template::template_strings(&node.input)
+                let inputs = template::template_strings(&node.input)
                     .into_iter()
-                    .map(|(_, t)| t)
-                    .collect();
-                texts.extend(node.when.as_deref());
+                    .map(|(_, t)| template::variables_of(t));
+                // A condition may be a bare expression, which `variables_of` would take
+                // for plain text: parse it as a condition, as validation does.
+                let when = node.when.as_deref().map(template::condition_variables);
                 let mut ids = BTreeSet::new();
-                for text in texts {
-                    let vars = template::variables_of(text)
-                        .or_else(|_| template::condition_variables(text))
-                        .unwrap_or_default();
-                    for var in vars {
+                for vars in inputs.chain(when) {
+                    for var in vars.unwrap_or_default() {
                         let mut parts = var.split('.');
                         if parts.next() == Some("nodes") {
                             ids.extend(parts.next().map(str::to_owned));
@@ -271,6 +269,18 @@ mod tests {
             &json!({"name": "w", "nodes": [
                 {"id": "a", "type": "noop"},
                 {"id": "b", "type": "transform", "depends": ["a"], "input": {"x": "{{ nodes.a.output }}"}, "when": "{{ nodes.a.state == 'completed' }}"}]}),
+            None,
+        )
+        .unwrap();
+        assert_eq!(wf.reads_of("b"), ["a"]);
+    }
+
+    #[test]
+    fn reads_include_a_bare_condition() {
+        let wf = Workflow::from_json(
+            &json!({"name": "w", "nodes": [
+                {"id": "a", "type": "noop"},
+                {"id": "b", "type": "noop", "depends": ["a"], "when": "nodes.a.output.go == true"}]}),
             None,
         )
         .unwrap();

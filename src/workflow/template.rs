@@ -32,10 +32,10 @@ impl From<minijinja::Error> for TemplateError {
     fn from(e: minijinja::Error) -> Self {
         // minijinja's Display includes the kind and the detail; keep it on one line.
         let mut text = e.to_string();
-        if let Some(detail) = e.detail() {
-            if !text.contains(detail) {
-                text = format!("{text}: {detail}");
-            }
+        if let Some(detail) = e.detail()
+            && !text.contains(detail)
+        {
+            text = format!("{text}: {detail}");
         }
         TemplateError(text)
     }
@@ -117,6 +117,13 @@ pub fn render_value(value: &Value, context: &minijinja::Value) -> Result<Value, 
 fn render_string(text: &str, context: &minijinja::Value) -> Result<Value, TemplateError> {
     if let Some(expr) = sole_expression(text) {
         let value = ENV.compile_expression_owned(expr.to_owned())?.eval(context)?;
+        // Evaluating an expression returns undefined instead of failing as rendering
+        // does; strict templates must not turn a typo into `null`.
+        if value.is_undefined() {
+            return Err(TemplateError(format!(
+                "undefined value: `{expr}` is undefined"
+            )));
+        }
         return serde_json::to_value(&value).map_err(|e| TemplateError(e.to_string()));
     }
     if !is_template(text) {
