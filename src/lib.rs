@@ -11,6 +11,7 @@
 //! - [`store`]: the Postgres pool, migrations and the queries of each table.
 //! - [`engine`]: trigger handling, node processing, DAG advancement, the worker.
 //! - [`adapter`]: the model-adapter trait and its implementations.
+//! - [`alert`]: notifiers (webhooks, Slack, e-mail) deduplicated per subject, and incidents.
 //! - [`mock_llm`]: the deterministic model server for the demo, tests and benchmarks.
 //! - [`telemetry`]: metric names, the exporter, health endpoints, logging.
 //! - [`commands`]: what the CLI subcommands do, so that tests can drive them directly.
@@ -23,6 +24,7 @@
 )]
 
 pub mod adapter;
+pub mod alert;
 pub mod broker;
 pub mod commands;
 pub mod config;
