@@ -125,6 +125,9 @@ enum Command {
     /// Inspect and replay dead letters.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Inspect and reset the circuit breakers of model profiles.
+    #[command(subcommand)]
+    Breaker(BreakerCommand),
     /// Run the code-review scenario end to end on the local services and a mock model.
     Demo,
     /// Serve a deterministic OpenAI- and Anthropic-compatible model API.
@@ -141,6 +144,21 @@ enum Command {
         /// HTTP status of injected failures.
         #[arg(long, default_value_t = 500)]
         fail_status: u16,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BreakerCommand {
+    /// List breakers with their state.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Close a profile's breaker now.
+    Reset {
+        /// Model profile.
+        profile: String,
     },
 }
 
@@ -325,6 +343,22 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             for line in result? {
                 println!("{line}");
             }
+        }
+        Command::Breaker(BreakerCommand::List { json }) => {
+            Store::migrate(&settings.database_url).await?;
+            let store = Store::connect(&settings.database_url, 1)?;
+            let breakers = dagq::adapter::breaker::list(&store).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&breakers)?);
+            } else {
+                print!("{}", commands::format_breakers(&breakers));
+            }
+        }
+        Command::Breaker(BreakerCommand::Reset { profile }) => {
+            let session = commands::OperatorSession::open(&settings).await?;
+            let result = session.reset_breaker(&profile).await;
+            session.close().await;
+            println!("{}", result?);
         }
         Command::Demo => {
             commands::demo(&settings).await?;

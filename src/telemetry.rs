@@ -111,7 +111,7 @@ async fn readyz<R: Readiness>(State(readiness): State<Arc<R>>) -> (StatusCode, S
 /// for JSON lines. Logs go to stderr so that command output on stdout stays clean.
 pub fn init_logging() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("DAGQ_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env("DAGQ_LOG").unwrap_or_else(|_| EnvFilter::new("info,tokio_postgres=warn"));
     let json = std::env::var("DAGQ_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

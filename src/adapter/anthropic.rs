@@ -110,7 +110,7 @@ impl Adapter for Anthropic {
                 url: http_call::join_url(base, "v1/messages"),
                 headers,
                 body: Some(body),
-                timeout: self.profile.timeout,
+                timeout: call.time_left(self.profile.timeout),
             },
         )
         .await;

@@ -62,20 +62,22 @@ impl HttpAdapter {
                 http_call::insert_header(&mut headers, name, value)?;
             }
         }
-        if let Some(profile) = &self.profile {
-            if let Some(key) = http_call::api_key(profile, call.node.model.as_deref().unwrap_or("?"))? {
-                let mut value = HeaderValue::from_str(&format!("Bearer {key}"))
-                    .map_err(|_| AdapterError::Config("the API key is not a valid header value".into()))?;
-                value.set_sensitive(true);
-                headers.insert(AUTHORIZATION, value);
-            }
+        let key = match &self.profile {
+            Some(profile) => http_call::api_key(profile, call.node.model.as_deref().unwrap_or("?"))?,
+            None => None,
+        };
+        if let Some(key) = key {
+            let mut value = HeaderValue::from_str(&format!("Bearer {key}"))
+                .map_err(|_| AdapterError::Config("the API key is not a valid header value".into()))?;
+            value.set_sensitive(true);
+            headers.insert(AUTHORIZATION, value);
         }
         Ok(JsonRequest {
             method,
             url,
             headers,
             body,
-            timeout: self.profile.as_ref().map_or(DEFAULT_TIMEOUT, |p| p.timeout),
+            timeout: call.time_left(self.profile.as_ref().map_or(DEFAULT_TIMEOUT, |p| p.timeout)),
         })
     }
 }

@@ -4,6 +4,7 @@
 //! for the audit log.
 
 mod anthropic;
+pub mod breaker;
 mod builtin;
 mod http;
 mod http_call;
@@ -17,6 +18,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 pub use anthropic::Anthropic;
+pub use breaker::{Admission, BreakerEvent, Breakers};
 pub use builtin::{Noop, Transform};
 pub use http::HttpAdapter;
 pub use openai::OpenAi;
@@ -52,6 +54,9 @@ pub enum AdapterError {
     /// The provider's answer could not be understood.
     #[error("invalid response: {0}")]
     InvalidResponse(String),
+    /// The profile's circuit breaker is open (and no fallback could take the call).
+    #[error("circuit breaker of profile \"{profile}\" is open")]
+    BreakerOpen { profile: String, retry_after: Duration },
 }
 
 impl AdapterError {
@@ -59,7 +64,7 @@ impl AdapterError {
     /// fails the same way again.
     pub fn is_retryable(&self) -> bool {
         match self {
-            AdapterError::Connect { .. } | AdapterError::Timeout(_) => true,
+            AdapterError::Connect { .. } | AdapterError::Timeout(_) | AdapterError::BreakerOpen { .. } => true,
             AdapterError::Status { status, .. } => {
                 matches!(status, 408 | 429) || (500..600).contains(status)
             }
@@ -74,6 +79,7 @@ impl AdapterError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             AdapterError::Status { retry_after, .. } => *retry_after,
+            AdapterError::BreakerOpen { retry_after, .. } => Some(*retry_after),
             AdapterError::InvalidInput(_)
             | AdapterError::Config(_)
             | AdapterError::Unsupported(_)
@@ -93,6 +99,7 @@ impl AdapterError {
             AdapterError::Timeout(_) => "timeout".into(),
             AdapterError::Status { status, .. } => format!("http_{status}"),
             AdapterError::InvalidResponse(_) => "invalid_response".into(),
+            AdapterError::BreakerOpen { .. } => "breaker_open".into(),
         }
     }
 }
@@ -108,9 +115,25 @@ pub struct Call<'a> {
     pub attempt: i32,
     /// The node's input with templates rendered.
     pub input: Value,
+    /// When the node's own `timeout` runs out: every call (fallbacks included) ends by
+    /// then, so that a slow provider is recorded as a timed-out call, not lost.
+    pub deadline: Option<Instant>,
 }
 
 impl Call<'_> {
+    /// How long the next request may take: the profile's timeout, or less when the
+    /// node's deadline is nearer.
+    pub fn time_left(&self, cap: Duration) -> Duration {
+        match self.deadline {
+            Some(deadline) => cap.min(deadline.saturating_duration_since(Instant::now())).max(Duration::from_millis(1)),
+            None => cap,
+        }
+    }
+
+    fn out_of_time(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
     /// Sent as `Idempotency-Key` so that providers can drop repeats of one attempt.
     pub fn idempotency_key(&self) -> String {
         format!("{}/{}/{}", self.run_id, self.node.id, self.attempt)
@@ -175,6 +198,8 @@ pub struct Outcome {
     pub result: Result<Value, AdapterError>,
     /// Calls in the order made (primary first, then fallbacks).
     pub calls: Vec<ModelCall>,
+    /// Breakers that opened or closed because of these calls.
+    pub breaker_events: Vec<BreakerEvent>,
 }
 
 /// What every provider implements: perform one call of a node type.
@@ -226,6 +251,7 @@ struct Profile {
 pub struct Registry {
     profiles: BTreeMap<String, Profile>,
     plain_http: HttpAdapter,
+    breakers: Option<Breakers>,
 }
 
 impl Default for Registry {
@@ -255,7 +281,23 @@ impl Registry {
         Registry {
             profiles,
             plain_http: HttpAdapter::new(client, None),
+            breakers: None,
         }
+    }
+
+    /// The same registry with circuit breakers on every profile.
+    pub fn with_breakers(mut self, breakers: Breakers) -> Self {
+        self.breakers = Some(breakers);
+        self
+    }
+
+    /// The fallback chain of `profile`, itself first.
+    pub fn chain_of(&self, profile: &str) -> Vec<String> {
+        let mut chain = vec![profile.to_owned()];
+        if let Some(p) = self.profiles.get(profile) {
+            chain.extend(p.config.fallback.iter().cloned());
+        }
+        chain
     }
 
     /// Whether the engine must render the node's input templates.
@@ -274,7 +316,7 @@ impl Registry {
                 let started = Instant::now();
                 let (exchange, result) = self.plain_http.call(node.kind, call).await;
                 let record = record("-", "http", None, None, started, exchange, &result);
-                return Outcome { result, calls: vec![record] };
+                return Outcome { result, calls: vec![record], breaker_events: Vec::new() };
             }
             _ => {}
         }
@@ -285,13 +327,15 @@ impl Registry {
                 node.kind.as_str()
             ))));
         };
-        let mut chain = vec![primary.to_owned()];
-        if let Some(profile) = self.profiles.get(primary) {
-            chain.extend(profile.config.fallback.iter().cloned());
-        }
+        let chain = self.chain_of(primary);
         let mut calls = Vec::new();
+        let mut breaker_events = Vec::new();
         let mut last = None;
         for name in &chain {
+            if call.out_of_time() {
+                last = Some(AdapterError::Timeout(node.timeout.unwrap_or_default()));
+                break;
+            }
             let Some(profile) = self.profiles.get(name) else {
                 last = Some(AdapterError::Config(format!(
                     "model profile \"{name}\" is not configured; add [models.{name}] to dagq.toml"
@@ -301,8 +345,13 @@ impl Registry {
             if !provider_serves(profile.config.provider, node.kind) {
                 continue;
             }
+            if let Some(retry_after) = self.breaker_blocks(name).await {
+                last = Some(AdapterError::BreakerOpen { profile: name.clone(), retry_after });
+                continue;
+            }
             let started = Instant::now();
             let (exchange, result) = profile.adapter.call(node.kind, call).await;
+            breaker_events.extend(self.breaker_record(name, &result).await);
             calls.push(record(
                 name,
                 profile.config.provider.as_str(),
@@ -313,7 +362,7 @@ impl Registry {
                 &result,
             ));
             match result {
-                Ok(output) => return Outcome { result: Ok(output), calls },
+                Ok(output) => return Outcome { result: Ok(output), calls, breaker_events },
                 Err(e) if e.is_retryable() => {
                     tracing::warn!(run = %call.run_id, node = %node.id, profile = %name, error = %e,
                         "model call failed; trying the next fallback if any");
@@ -331,12 +380,43 @@ impl Registry {
                 node.kind.as_str()
             ))
         });
-        Outcome { result: Err(error), calls }
+        Outcome { result: Err(error), calls, breaker_events }
+    }
+
+    /// `Some(wait)` when the profile's breaker is open. A breaker that cannot be read
+    /// (database trouble) does not block calls: the provider may well be fine.
+    async fn breaker_blocks(&self, profile: &str) -> Option<Duration> {
+        let breakers = self.breakers.as_ref()?;
+        match breakers.admit(profile).await {
+            Ok(Admission::Open(wait)) => Some(wait),
+            Ok(Admission::Closed | Admission::Trial) => None,
+            Err(e) => {
+                tracing::warn!(%profile, error = %e, "cannot read the circuit breaker; calling anyway");
+                None
+            }
+        }
+    }
+
+    async fn breaker_record(&self, profile: &str, result: &Result<Value, AdapterError>) -> Option<BreakerEvent> {
+        let breakers = self.breakers.as_ref()?;
+        let failure = match result {
+            Ok(_) => None,
+            Err(e) if e.is_retryable() => Some(e.to_string()),
+            // A request the provider rejected says nothing about the provider's health.
+            Err(_) => return None,
+        };
+        match breakers.record(profile, failure.as_deref()).await {
+            Ok(event) => event,
+            Err(e) => {
+                tracing::warn!(%profile, error = %e, "cannot record the call in the circuit breaker");
+                None
+            }
+        }
     }
 }
 
 fn plain(result: Result<Value, AdapterError>) -> Outcome {
-    Outcome { result, calls: Vec::new() }
+    Outcome { result, calls: Vec::new(), breaker_events: Vec::new() }
 }
 
 fn record(

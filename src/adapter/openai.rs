@@ -111,7 +111,7 @@ impl Adapter for OpenAi {
                 url: http_call::join_url(base, path),
                 headers,
                 body: Some(body),
-                timeout: self.profile.timeout,
+                timeout: call.time_left(self.profile.timeout),
             },
         )
         .await;

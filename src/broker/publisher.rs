@@ -152,6 +152,23 @@ impl Publisher {
             .await
     }
 
+    /// Tells every worker that something changed. Not mandatory: with no worker bound
+    /// there is nobody to tell, and the state itself lives in Postgres.
+    pub async fn publish_control(&self, body: &[u8]) -> Result<(), BrokerError> {
+        let exchange = self.topology.control_exchange();
+        self.channel
+            .basic_publish(
+                exchange.as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                body,
+                json_properties(),
+            )
+            .await?
+            .await?;
+        Ok(())
+    }
+
     /// Publishes a persistent, mandatory message and waits until the broker confirms it.
     pub async fn publish_confirmed(
         &self,

@@ -95,6 +95,12 @@ impl Topology {
         format!("{}.dead", self.namespace)
     }
 
+    /// Fanout exchange that tells every worker at once that something changed (a
+    /// breaker opened or closed); each worker binds a private queue to it.
+    pub fn control_exchange(&self) -> String {
+        format!("{}.control", self.namespace)
+    }
+
     /// Fanout exchange of one retry tier. Messages keep the routing key they were
     /// published with (the task queue), which is what their expiry dead-letters them by.
     pub fn retry_exchange(&self, tier: Duration) -> String {
@@ -117,6 +123,7 @@ impl Topology {
             (self.events_exchange(), ExchangeKind::Topic),
             (self.tasks_exchange(), ExchangeKind::Direct),
             (self.dead_exchange(), ExchangeKind::Fanout),
+            (self.control_exchange(), ExchangeKind::Fanout),
         ] {
             channel
                 .exchange_declare(name.into(), kind, durable, FieldTable::default())
@@ -159,7 +166,12 @@ impl Topology {
                 .queue_delete(queue.into(), QueueDeleteOptions::default())
                 .await?;
         }
-        let mut exchanges = vec![self.events_exchange(), self.tasks_exchange(), self.dead_exchange()];
+        let mut exchanges = vec![
+            self.events_exchange(),
+            self.tasks_exchange(),
+            self.dead_exchange(),
+            self.control_exchange(),
+        ];
         exchanges.extend(RETRY_TIERS.iter().map(|t| self.retry_exchange(*t)));
         for exchange in exchanges {
             channel

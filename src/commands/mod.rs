@@ -12,7 +12,7 @@ mod workflows;
 use std::path::Path;
 
 pub use demo::demo;
-pub use operate::{OperatorSession, format_dead_letters};
+pub use operate::{OperatorSession, format_breakers, format_dead_letters};
 pub use produce::{publish_event, request_run};
 pub use progress::Progress;
 pub use report::{format_run_status, format_runs};

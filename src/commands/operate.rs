@@ -9,6 +9,8 @@ use uuid::Uuid;
 
 use super::{CommandError, Progress};
 use crate::adapter::Registry;
+use crate::adapter::breaker::BreakerState;
+use crate::alert::Alerter;
 use crate::broker::{self, Publisher, Topology};
 use crate::config::Settings;
 use crate::engine::Engine;
@@ -36,7 +38,8 @@ impl OperatorSession {
         let store = Store::connect(&settings.database_url, 2)?;
         let connection = broker::connect(&settings.amqp_url, "cli").await?;
         let publisher = Arc::new(Publisher::open(&connection, Topology::new(&settings.namespace)).await?);
-        let engine = Engine::new(store.clone(), publisher, Registry::new(&settings.file));
+        let alerter = Alerter::new(settings.file.alerts.clone(), store.clone());
+        let engine = Engine::new(store.clone(), publisher, Registry::new(&settings.file)).with_alerter(alerter);
         Ok(OperatorSession { connection, engine, store })
     }
 
@@ -55,6 +58,17 @@ impl OperatorSession {
     pub async fn cancel(&self, run_id: Uuid) -> Result<String, CommandError> {
         self.engine.cancel_run(run_id).await?;
         Ok(format!("run {run_id} cancelled"))
+    }
+
+    /// `dagq breaker reset`.
+    pub async fn reset_breaker(&self, profile: &str) -> Result<String, CommandError> {
+        if self.engine.reset_breaker(profile).await? {
+            Ok(format!("breaker of {profile} closed; workers resume its queue"))
+        } else {
+            Err(CommandError::NotFound(format!(
+                "profile {profile} has no breaker yet (it never failed); `dagq breaker list` lists them"
+            )))
+        }
     }
 
     /// `dagq dlq replay ID…` or `--all` (every dead letter not yet replayed).
@@ -95,6 +109,17 @@ pub fn format_dead_letters(letters: &[DeadLetterRow]) -> String {
             if l.replayed_at.is_some() { "yes" } else { "no" },
             detail
         );
+    }
+    out
+}
+
+/// `dagq breaker list` as a table.
+pub fn format_breakers(breakers: &[BreakerState]) -> String {
+    let mut out = format!("{:<20} {:<10} {:>8} {:<19} LAST ERROR\n", "PROFILE", "STATE", "FAILURES", "OPENED");
+    for b in breakers {
+        let error: String = b.last_error.as_deref().unwrap_or("").chars().take(80).collect();
+        let opened = b.opened_at.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_else(|| "-".into());
+        let _ = writeln!(out, "{:<20} {:<10} {:>8} {:<19} {error}", b.profile, b.state, b.consecutive_failures, opened);
     }
     out
 }

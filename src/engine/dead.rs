@@ -32,6 +32,7 @@ impl Engine {
         let recorded = self.store.record_dead_letter(&letter, dedupe.as_deref()).await?;
         if recorded {
             tracing::warn!(id = %letter.id, %reason, detail = letter.detail.as_deref().unwrap_or(""), "dead letter recorded");
+            self.alert_dead_letter(&letter).await;
         }
         Ok(Handled::Done(if recorded { "recorded" } else { "duplicate" }))
     }

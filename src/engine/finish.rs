@@ -30,6 +30,9 @@ impl Engine {
         started: Instant,
     ) -> Result<Handled, EngineError> {
         let node = workflow.and_then(|w| w.node(&message.node_id));
+        if let (Err(AdapterError::BreakerOpen { profile, retry_after }), Some(workflow)) = (&result, workflow) {
+            return self.defer(message, fence, run, workflow, profile, *retry_after).await;
+        }
         let outcome = match &result {
             Ok(_) => Finished::Completed,
             Err(error) => {
@@ -94,10 +97,36 @@ impl Engine {
         if !fenced_in {
             return Ok(fenced(message));
         }
-        self.publish_retry(workflow, run, message, delay).await?;
+        self.publish_delayed(workflow, run, message, message.attempt + 1, delay).await?;
         tracing::warn!(run = %message.run_id, node = %message.node_id, attempt = message.attempt,
             error = %text, retry_in = ?delay, "attempt failed; retrying");
         Ok(Handled::Done("retried"))
+    }
+
+    /// Puts the node back to `queued` without using up its attempt and sends the task
+    /// around a retry tier: its profile's breaker is open and no fallback took it.
+    async fn defer(
+        &self,
+        message: &TaskMessage,
+        fence: i64,
+        run: &RunContext,
+        workflow: &Workflow,
+        profile: &str,
+        delay: Duration,
+    ) -> Result<Handled, EngineError> {
+        let reason = format!("deferred: circuit breaker of profile \"{profile}\" is open");
+        let released = with_commit_retries(|| async {
+            let client = self.store.client().await?;
+            store::nodes::release(&client, message.run_id, &message.node_id, fence, &reason).await
+        })
+        .await?;
+        if !released {
+            return Ok(fenced(message));
+        }
+        self.publish_delayed(workflow, run, message, message.attempt, delay).await?;
+        tracing::info!(run = %message.run_id, node = %message.node_id, attempt = message.attempt, %profile,
+            wait = ?delay, "deferred: breaker open");
+        Ok(Handled::Done("deferred"))
     }
 
     /// The finishing transaction; `None` when the fence is stale.

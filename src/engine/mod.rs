@@ -2,6 +2,7 @@
 //! effects on at-least-once delivery (DESIGN §4), advancing the DAG, and the worker
 //! process that consumes all of it.
 
+mod breaker_events;
 pub mod dag;
 mod dead;
 mod finish;
@@ -18,10 +19,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::adapter::Registry;
+use crate::alert::Alerter;
 use crate::broker::{BrokerError, Publisher};
 use crate::store::{Store, StoreError};
 use crate::workflow::Workflow;
 
+pub use breaker_events::breaker_subject;
 pub use messages::{Poison, RUN_REQUESTED, TaskMessage};
 pub use worker::{Worker, WorkerOptions};
 
@@ -59,13 +62,17 @@ pub enum Handled {
     Poison(Poison),
 }
 
+/// Parsed workflow versions by (name, version).
+type WorkflowCache = HashMap<(String, i32), Arc<Workflow>>;
+
 /// Everything a worker needs to process messages; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Engine {
     store: Store,
     publisher: Arc<Publisher>,
     adapters: Registry,
-    workflows: Arc<Mutex<HashMap<(String, i32), Arc<Workflow>>>>,
+    alerter: Option<Alerter>,
+    workflows: Arc<Mutex<WorkflowCache>>,
 }
 
 impl Engine {
@@ -75,8 +82,31 @@ impl Engine {
             store,
             publisher,
             adapters,
+            alerter: None,
             workflows: Arc::default(),
         }
+    }
+
+    /// The same engine, sending alerts and opening incidents through `alerter`.
+    pub fn with_alerter(mut self, alerter: Alerter) -> Self {
+        self.alerter = Some(alerter);
+        self
+    }
+
+    /// Closes a profile's breaker by hand, resolves its incident and tells every worker.
+    /// Returns false when the profile never had a breaker.
+    pub async fn reset_breaker(&self, profile: &str) -> Result<bool, EngineError> {
+        let known = crate::adapter::breaker::reset(&self.store, profile).await?;
+        if known {
+            if let Some(alerter) = &self.alerter
+                && let Err(e) = alerter.resolve_incident(&breaker_subject(profile)).await
+            {
+                tracing::warn!(error = %e, "cannot resolve the breaker's incident");
+            }
+            let body = serde_json::json!({"breaker": profile, "state": "closed"});
+            self.publisher.publish_control(body.to_string().as_bytes()).await?;
+        }
+        Ok(known)
     }
 
     /// A stored workflow version, parsed once per process: versions never change.

@@ -46,17 +46,18 @@ impl Engine {
         Ok(())
     }
 
-    /// Publishes the next attempt of `failed`'s node to wait `delay` in a retry tier.
-    pub(super) async fn publish_retry(
+    /// Publishes `attempt` of `message`'s node to wait `delay` in a retry tier.
+    pub(super) async fn publish_delayed(
         &self,
         workflow: &Workflow,
         run: &RunContext,
-        failed: &TaskMessage,
+        message: &TaskMessage,
+        attempt: i32,
         delay: std::time::Duration,
     ) -> Result<(), EngineError> {
         let next = TaskMessage {
-            attempt: failed.attempt + 1,
-            ..failed.clone()
+            attempt,
+            ..message.clone()
         };
         let queue = match &next.queue {
             Some(queue) => queue.clone(),

@@ -35,7 +35,7 @@ impl Engine {
                     .map(|at| (at - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO))
                     .unwrap_or(Duration::ZERO);
                 tracing::info!(run = %run.run_id, node = %message.node_id, "re-drove a pending retry");
-                self.publish_retry(&workflow, &run, message, delay).await?;
+                self.publish_delayed(&workflow, &run, message, message.attempt + 1, delay).await?;
             }
             _ => {}
         }

@@ -17,6 +17,9 @@ use crate::workflow::{Workflow, template};
 /// How long one attempt may take when the node sets no `timeout`.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// Slack past a node's deadline before its adapter call is abandoned unrecorded.
+const BACKSTOP: Duration = Duration::from_secs(5);
+
 impl Engine {
     /// Handles one task message from `queue`.
     pub async fn handle_task(&self, body: &[u8], redelivered: bool, queue: &str) -> Result<Handled, EngineError> {
@@ -96,18 +99,22 @@ impl Engine {
         } else {
             Value::Null
         };
+        let timeout = node.timeout.unwrap_or(DEFAULT_TIMEOUT);
         let call = Call {
             run_id: run.run_id,
             node,
             attempt: message.attempt,
             input,
+            deadline: Some(Instant::now() + timeout),
         };
-        let timeout = node.timeout.unwrap_or(DEFAULT_TIMEOUT);
-        let outcome = match tokio::time::timeout(timeout, self.adapters.run(&call)).await {
+        // The adapters end their requests by the deadline and report them; this bound is
+        // only a backstop for an adapter that hangs outside a request.
+        let outcome = match tokio::time::timeout(timeout + BACKSTOP, self.adapters.run(&call)).await {
             Ok(outcome) => outcome,
             Err(_) => return Ok(Err(AdapterError::Timeout(timeout))),
         };
         self.record_calls(message, &outcome.calls).await?;
+        self.on_breaker_events(&outcome.breaker_events).await;
         Ok(outcome.result)
     }
 

@@ -2,7 +2,7 @@
 //! survives lost connections by reconnecting with backoff, and drains in-flight work on
 //! shutdown. Stateless: any number run side by side.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,15 +10,19 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{Engine, EngineError, Handled};
-use crate::adapter::Registry;
+use crate::adapter::{Breakers, Registry};
+use crate::alert::Alerter;
 use crate::broker::{self, DeadLetter, Publisher, Topology};
 use crate::config::Settings;
 use crate::store::Store;
@@ -109,6 +113,8 @@ impl Worker {
     /// Runs until `shutdown` is cancelled, then drains in-flight work within the grace
     /// period. Lost connections are retried with backoff, never fatal.
     pub async fn run(self, shutdown: CancellationToken) -> Result<Option<SocketAddr>, EngineError> {
+        // A bad alert destination found now, not at the first outage.
+        Alerter::check_config(&self.settings.file.alerts).map_err(|e| EngineError::Invalid(e.to_string()))?;
         if self.options.migrate {
             let mut backoff = Backoff::default();
             loop {
@@ -180,7 +186,10 @@ impl Worker {
         let connection = broker::connect(&self.settings.amqp_url, "worker").await?;
         let topology = Topology::new(&self.settings.namespace);
         let publisher = Arc::new(Publisher::open(&connection, topology.clone()).await?);
-        let engine = Engine::new(store.clone(), publisher.clone(), Registry::new(&self.settings.file));
+        let breakers = Breakers::new(store.clone(), self.settings.file.breaker.clone());
+        let registry = Registry::new(&self.settings.file).with_breakers(breakers.clone());
+        let alerter = Alerter::new(self.settings.file.alerts.clone(), store.clone());
+        let engine = Engine::new(store.clone(), publisher.clone(), registry.clone()).with_alerter(alerter);
         let (lost_tx, mut lost) = mpsc::channel(4);
         let consuming = Consuming {
             engine,
@@ -191,12 +200,13 @@ impl Worker {
         };
         let prefetch = self.options.concurrency.min(u16::MAX as usize) as u16;
         let triggers = open_channel(&connection, prefetch).await?;
-        let trigger_tag = start_consumer(&triggers, &topology.triggers_queue(), Source::Triggers, &consuming).await?;
+        let trigger_tag = start_consumer(&triggers, &topology.triggers_queue(), Source::Triggers, &consuming, consuming.stop.clone()).await?;
         let dead = open_channel(&connection, DEAD_LETTER_PREFETCH).await?;
-        let dead_tag = start_consumer(&dead, &topology.dead_queue(), Source::DeadLetters, &consuming).await?;
+        let dead_tag = start_consumer(&dead, &topology.dead_queue(), Source::DeadLetters, &consuming, consuming.stop.clone()).await?;
         let tasks = open_channel(&connection, prefetch).await?;
-        let mut served = BTreeSet::new();
-        let mut task_tags = Vec::new();
+        let control = Arc::new(Notify::new());
+        listen_for_control(&connection, &topology, control.clone(), consuming.stop.clone(), consuming.lost.clone()).await?;
+        let mut served: BTreeMap<String, TaskConsumer> = BTreeMap::new();
         health.broker_up.store(true, Ordering::Relaxed);
         tracing::info!(namespace = %topology.namespace(), "connected to RabbitMQ");
         let mut refresh = tokio::time::interval(self.options.queue_refresh);
@@ -209,27 +219,43 @@ impl Worker {
                         std::io::Error::other(why.unwrap_or_default()),
                     ))));
                 }
-                _ = refresh.tick() => {
-                    let wanted = match &self.options.queues {
-                        Some(queues) => queues.clone(),
-                        None => match store.known_queues().await {
-                            Ok(queues) => queues,
-                            Err(e) => {
-                                tracing::warn!(error = %e, "cannot list task queues; keeping the current ones");
-                                continue;
-                            }
-                        },
-                    };
-                    for queue in wanted {
-                        if served.contains(&queue) {
-                            continue;
-                        }
-                        publisher.ensure_task_queue(&queue).await?;
-                        let tag = start_consumer(&tasks, &topology.task_queue(&queue), Source::Tasks(queue.clone()), &consuming).await?;
-                        tracing::info!(%queue, "serving task queue");
-                        task_tags.push(tag);
-                        served.insert(queue);
+                _ = refresh.tick() => {}
+                _ = control.notified() => {}
+            }
+            let wanted = match &self.options.queues {
+                Some(queues) => queues.clone(),
+                None => match store.known_queues().await {
+                    Ok(queues) => queues,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot list task queues; keeping the current ones");
+                        continue;
                     }
+                },
+            };
+            let paused = match paused_profiles(&breakers, &registry).await {
+                Ok(paused) => paused,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read circuit breakers; keeping queues as they are");
+                    continue;
+                }
+            };
+            for queue in wanted {
+                let pause = paused.contains(&queue);
+                match (served.get(&queue), pause) {
+                    (Some(_), true) => {
+                        let consumer = served.remove(&queue).expect("present: matched Some");
+                        consumer.stop.cancel();
+                        let _ = tasks.basic_cancel(consumer.tag.as_str().into(), BasicCancelOptions::default()).await;
+                        tracing::warn!(%queue, "paused: the circuit breaker of this profile is open");
+                    }
+                    (None, false) => {
+                        publisher.ensure_task_queue(&queue).await?;
+                        let stop = consuming.stop.child_token();
+                        let tag = start_consumer(&tasks, &topology.task_queue(&queue), Source::Tasks(queue.clone()), &consuming, stop.clone()).await?;
+                        tracing::info!(%queue, "serving task queue");
+                        served.insert(queue, TaskConsumer { tag, stop });
+                    }
+                    (Some(_), false) | (None, true) => {}
                 }
             }
         };
@@ -242,9 +268,9 @@ impl Worker {
             let _ = dead
                 .basic_cancel(dead_tag.as_str().into(), BasicCancelOptions::default())
                 .await;
-            for tag in &task_tags {
+            for consumer in served.values() {
                 let _ = tasks
-                    .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                    .basic_cancel(consumer.tag.as_str().into(), BasicCancelOptions::default())
                     .await;
             }
             tracker.close();
@@ -273,6 +299,7 @@ async fn start_consumer(
     queue: &str,
     source: Source,
     consuming: &Consuming,
+    stop: CancellationToken,
 ) -> Result<String, EngineError> {
     let tag = format!("dagq-{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
     let consumer = channel
@@ -280,15 +307,18 @@ async fn start_consumer(
         .await
         .map_err(broker::BrokerError::from)?;
     let consuming = consuming.clone();
-    tokio::spawn(consume(consumer, source, consuming));
+    tokio::spawn(consume(consumer, source, consuming, stop));
     Ok(tag)
 }
 
-async fn consume(mut consumer: lapin::Consumer, source: Source, consuming: Consuming) {
+async fn consume(mut consumer: lapin::Consumer, source: Source, consuming: Consuming, stop: CancellationToken) {
     loop {
         let next = tokio::select! {
             biased;
-            _ = consuming.stop.cancelled() => return,
+            _ = stop.cancelled() => {
+                give_back(consumer).await;
+                return;
+            }
             next = consumer.next() => next,
         };
         let delivery = match next {
@@ -312,6 +342,89 @@ async fn consume(mut consumer: lapin::Consumer, source: Source, consuming: Consu
             process(&engine, &source, delivery).await;
         });
     }
+}
+
+/// Returns the deliveries a stopped consumer had buffered but not started, so that they
+/// go to another consumer now instead of waiting for this channel to close.
+async fn give_back(mut consumer: lapin::Consumer) {
+    while let Ok(Some(Ok(delivery))) = tokio::time::timeout(Duration::from_millis(200), consumer.next()).await {
+        let _ = delivery
+            .acker
+            .nack(BasicNackOptions { requeue: true, multiple: false })
+            .await;
+    }
+}
+
+/// Binds a private queue to the control exchange; every message on it wakes `control`.
+async fn listen_for_control(
+    connection: &Connection,
+    topology: &Topology,
+    control: Arc<Notify>,
+    stop: CancellationToken,
+    lost: mpsc::Sender<String>,
+) -> Result<(), EngineError> {
+    let channel = connection.create_channel().await.map_err(broker::BrokerError::from)?;
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(broker::BrokerError::from)?;
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            topology.control_exchange().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(broker::BrokerError::from)?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(broker::BrokerError::from)?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                next = consumer.next() => match next {
+                    Some(Ok(_)) => control.notify_one(),
+                    _ => {
+                        let _ = lost.send("control consumer ended".into()).await;
+                        return;
+                    }
+                },
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Profiles whose queues no worker should consume now: their breaker is cooling down and
+/// so is every fallback (with a live fallback, tasks go there instead).
+async fn paused_profiles(breakers: &Breakers, registry: &Registry) -> Result<BTreeSet<String>, crate::store::StoreError> {
+    let cooling: BTreeSet<String> = breakers.cooling_down().await?.into_iter().collect();
+    Ok(cooling
+        .iter()
+        .filter(|profile| registry.chain_of(profile).iter().all(|p| cooling.contains(p)))
+        .cloned()
+        .collect())
+}
+
+/// A running consumer of one task queue.
+#[derive(Debug)]
+struct TaskConsumer {
+    tag: String,
+    stop: CancellationToken,
 }
 
 /// Processes one delivery and settles it with the broker: ack after the outcome is

@@ -16,7 +16,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
 ];
 
 /// Arbitrary constant that identifies dagq's migration lock among advisory locks.
-const MIGRATION_LOCK: i64 = 0x6461_6771_6d69_67;
+const MIGRATION_LOCK: i64 = 0x0064_6167_716d_6967;
 
 /// Connects to the server's `postgres` database and creates the target database when it
 /// does not exist. Two processes racing to create it is harmless.

@@ -238,6 +238,32 @@ pub(crate) async fn schedule_retry(
     Ok(!rows.is_empty())
 }
 
+/// `running → queued` for the holder of `fence`, without using up the attempt: the task
+/// was deferred (its profile's breaker is open) and comes back later. False when the
+/// fence is stale.
+pub(crate) async fn release(
+    client: &impl GenericClient,
+    run_id: Uuid,
+    node_id: &str,
+    fence: i64,
+    reason: &str,
+) -> Result<bool, StoreError> {
+    let stmt = client
+        .prepare_cached(
+            "WITH r AS (
+                 UPDATE node_runs SET state = 'queued', queued_at = now(), started_at = NULL
+                 WHERE run_id = $1 AND node_id = $2 AND fence = $3 AND state = 'running'
+                 RETURNING attempt
+             )
+             INSERT INTO transitions (run_id, node_id, from_state, to_state, attempt, detail)
+             SELECT $1, $2, 'running', 'queued', attempt, $4 FROM r
+             RETURNING attempt",
+        )
+        .await?;
+    let rows = client.query(&stmt, &[&run_id, &node_id, &fence, &reason]).await?;
+    Ok(!rows.is_empty())
+}
+
 /// When a node waiting in `retrying` is due, if it is.
 pub(crate) async fn retry_due(
     client: &impl GenericClient,

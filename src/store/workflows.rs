@@ -34,7 +34,7 @@ pub struct WorkflowSummary {
 }
 
 /// Arbitrary constant naming the advisory lock that serialises version numbering.
-const APPLY_LOCK: i64 = 0x6461_6771_6170_70;
+const APPLY_LOCK: i64 = 0x0064_6167_7161_7070;
 
 impl Store {
     /// Stores a validated workflow as a new version unless it equals the latest one.

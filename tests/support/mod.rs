@@ -162,6 +162,7 @@ pub async fn call(registry: &Registry, node: &NodeDef, input: Value) -> (Outcome
         node,
         attempt: 3,
         input,
+        deadline: None,
     };
     let outcome = registry.run(&call).await;
     (outcome, format!("{run_id}/{}/3", node.id))
