@@ -14,6 +14,7 @@
 //! - [`alert`]: notifiers (webhooks, Slack, e-mail) deduplicated per subject, and incidents.
 //! - [`mock_llm`]: the deterministic model server for the demo, tests and benchmarks.
 //! - [`telemetry`]: metric names, the exporter, health endpoints, logging.
+//! - [`bench`]: `dagq bench`, throughput, latency and overhead measured on this machine.
 //! - [`commands`]: what the CLI subcommands do, so that tests can drive them directly.
 #![forbid(unsafe_code)]
 #![warn(
@@ -25,6 +26,7 @@
 
 pub mod adapter;
 pub mod alert;
+pub mod bench;
 pub mod broker;
 pub mod commands;
 pub mod config;

@@ -128,6 +128,9 @@ enum Command {
     /// Inspect and reset the circuit breakers of model profiles.
     #[command(subcommand)]
     Breaker(BreakerCommand),
+    /// Measure throughput, latency and overhead on this machine (prints figures).
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Run the code-review scenario end to end on the local services and a mock model.
     Demo,
     /// Serve a deterministic OpenAI- and Anthropic-compatible model API.
@@ -144,6 +147,58 @@ enum Command {
         /// HTTP status of injected failures.
         #[arg(long, default_value_t = 500)]
         fail_status: u16,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Diamond runs (A → B, C, D → E) across worker processes: runs/s, tasks/s, latency, memory.
+    Diamond {
+        /// Runs to start.
+        #[arg(long, default_value_t = 2000)]
+        runs: u64,
+        /// Worker processes.
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+        /// Concurrency of each worker.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+        /// Make nodes chat calls to a mock model answering after this many milliseconds.
+        #[arg(long)]
+        task_latency_ms: Option<u64>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Diamond runs one after another on an idle system: end-to-end latency.
+    Latency {
+        /// Runs.
+        #[arg(long, default_value_t = 200)]
+        runs: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// This machine's ceiling: broker hops/s and Postgres transitions/s.
+    Limit {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Latency the adapter path adds over a direct HTTP call, at a fixed request rate.
+    Adapter {
+        /// Requests per second.
+        #[arg(long, default_value_t = 500)]
+        rate: u64,
+        /// Seconds per pass.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -360,6 +415,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             session.close().await;
             println!("{}", result?);
         }
+        Command::Bench(command) => bench(&settings, command).await?,
         Command::Demo => {
             commands::demo(&settings).await?;
         }
@@ -382,6 +438,67 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn bench(settings: &Settings, command: BenchCommand) -> anyhow::Result<()> {
+    use dagq::bench;
+    match command {
+        BenchCommand::Diamond { runs, workers, concurrency, task_latency_ms, json } => {
+            let params = bench::DiamondBench { runs, workers, concurrency, task_latency_ms };
+            let r = bench::bench_diamond(settings, &params).await?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+                return Ok(());
+            }
+            let model = task_latency_ms.map_or("noop tasks".to_owned(), |ms| format!("chat tasks, mock model {ms} ms"));
+            println!("diamond: {} runs ({} tasks) in {:.2} s with {workers} worker(s), {model}", r.runs, r.tasks, r.seconds);
+            println!("  throughput   {:.0} runs/s, {:.0} tasks/s", r.runs_per_sec, r.tasks_per_sec);
+            println!(
+                "  run latency  p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms (event published -> run completed)",
+                r.run_latency_ms.p50, r.run_latency_ms.p95, r.run_latency_ms.p99
+            );
+            println!("  workers      peak RSS {:.1} MiB, CPU {:.1} s", r.worker_peak_rss_mb, r.worker_cpu_seconds);
+            match bench::saved_ceiling() {
+                Some(ceiling) => println!(
+                    "  vs ceiling   {:.0}% of {ceiling:.0}/s measured by `dagq bench limit`",
+                    100.0 * r.tasks_per_sec / ceiling
+                ),
+                None => println!("  vs ceiling   run `dagq bench limit` first to compare"),
+            }
+        }
+        BenchCommand::Latency { runs, json } => {
+            let p = bench::bench_latency(settings, runs).await?;
+            if json {
+                println!("{}", serde_json::to_string(&p)?);
+            } else {
+                println!("latency: {runs} diamond runs one at a time: p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms", p.p50, p.p95, p.p99);
+            }
+        }
+        BenchCommand::Limit { seconds, json } => {
+            let r = bench::bench_limit(settings, seconds).await?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("broker:   {:.0} hops/s (consume, publish a follow-up with confirm, ack)", r.broker_hops_per_sec);
+                for (clients, rate) in &r.pg_transitions_per_sec {
+                    println!("postgres: {rate:.0} transitions/s with {clients} client(s)");
+                }
+                println!("ceiling:  {:.0}/s (the lower of the two)", r.ceiling_per_sec);
+            }
+        }
+        BenchCommand::Adapter { rate, seconds, json } => {
+            let r = bench::bench_adapter(&bench::AdapterBench { rate, seconds }).await?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("adapter overhead at {rate} requests/s ({} requests per pass):", r.requests);
+                println!("  direct HTTP   p50 {:.3} ms, p99 {:.3} ms", r.direct_ms.p50, r.direct_ms.p99);
+                println!("  dagq adapter  p50 {:.3} ms, p99 {:.3} ms", r.adapter_ms.p50, r.adapter_ms.p99);
+                println!("  added         p50 {:.3} ms, p99 {:.3} ms", r.added_p50_ms, r.added_p99_ms);
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn workflow(settings: &Settings, command: WorkflowCommand) -> anyhow::Result<()> {

@@ -75,7 +75,7 @@ pub fn new_event(event_type: &str, source: &str, subject: Option<&str>, data: Va
         "id": Uuid::now_v7().to_string(),
         "source": source,
         "type": event_type,
-        "time": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "time": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
         "datacontenttype": "application/json",
         "data": data,
     });
