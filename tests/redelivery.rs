@@ -253,15 +253,16 @@ async fn killed_workers_lose_nothing_and_duplicate_nothing() {
     for n in 0..RUNS {
         env.request_run("levels", json!({"n": n})).await;
     }
-    // Kill at progress milestones, each time while nodes are claimed (so their runs are
-    // unfinished), so that the victim is likely to hold in-flight work: claimed nodes,
-    // commits not yet published, unacked deliveries.
+    // Kill at progress milestones, each time while work is outstanding, so that the
+    // victim is likely to hold in-flight work: open transactions (built-in nodes are
+    // claimed and finished in one), commits not yet published, unacked deliveries.
     let total_nodes = RUNS * workflow["nodes"].as_array().unwrap().len() as i64;
     let milestones = [total_nodes / 10, total_nodes * 3 / 10, total_nodes / 2];
     for (k, milestone) in milestones.into_iter().enumerate() {
         let in_flight = format!(
             "SELECT (count(*) FILTER (WHERE state = 'completed') >= {milestone}
-                     AND count(*) FILTER (WHERE state = 'running') > 0)::int::int8 FROM node_runs"
+                     AND count(*) FILTER (WHERE state IN ('queued', 'running')) > 0)::int::int8
+             FROM node_runs"
         );
         eventually(
             &format!("nodes in flight after {milestone} completed"),

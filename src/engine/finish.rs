@@ -33,32 +33,87 @@ impl Engine {
         if let (Err(AdapterError::BreakerOpen { profile, retry_after }), Some(workflow)) = (&result, workflow) {
             return self.defer(message, fence, run, workflow, profile, *retry_after).await;
         }
-        let outcome = match &result {
-            Ok(_) => Finished::Completed,
-            Err(error) => {
-                let policy = node.and_then(|n| n.retry.clone()).unwrap_or_default();
-                if let (Some(workflow), Some(delay)) = (workflow, next_delay(&policy, message.attempt, error)) {
-                    return self.retry_later(message, fence, run, workflow, error, delay).await;
-                }
-                Finished::Failed
+        if let Err(error) = &result {
+            let policy = node.and_then(|n| n.retry.clone()).unwrap_or_default();
+            if let (Some(workflow), Some(delay)) = (workflow, next_delay(&policy, message.attempt, error)) {
+                return self.retry_later(message, fence, run, workflow, error, delay).await;
             }
-        };
-        let (output, error) = match result {
-            Ok(output) => (Some(output), None),
-            Err(e) => (None, Some(e.to_string())),
-        };
-        let settled = with_commit_retries(|| {
-            self.commit_finish(message, fence, run, workflow, outcome, output.as_ref(), error.as_deref())
+        }
+        let settled = with_commit_retries(|| async {
+            let mut client = self.store.client().await?;
+            let tx = client.transaction().await?;
+            let settled = self.finish_in(&tx, message, fence, run, workflow, &result).await?;
+            tx.commit().await?;
+            Ok(settled)
         })
         .await?;
+        self.after_finish(message, run, workflow, settled, &result, started).await
+    }
+
+    /// Records `running → completed | failed` for the holder of `fence` and advances the
+    /// DAG, inside the caller's transaction; `None` when the fence is stale.
+    pub(super) async fn finish_in(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        message: &TaskMessage,
+        fence: i64,
+        run: &RunContext,
+        workflow: Option<&Workflow>,
+        result: &Result<Value, AdapterError>,
+    ) -> Result<Option<Settled>, StoreError> {
+        let (outcome, output, error) = match result {
+            Ok(output) => (Finished::Completed, Some(output), None),
+            Err(e) => (Finished::Failed, None, Some(e.to_string())),
+        };
+        let fenced_in = store::nodes::finish(
+            tx,
+            message.run_id,
+            &message.node_id,
+            fence,
+            outcome.as_str(),
+            output,
+            error.as_deref(),
+        )
+        .await?;
+        if !fenced_in {
+            return Ok(None);
+        }
+        let settled = match workflow {
+            Some(workflow) => {
+                settle(tx, workflow, run, Vec::new(), vec![(message.node_id.clone(), outcome)]).await?
+            }
+            // Without its workflow the DAG cannot advance: count the node, close the run
+            // if it was the last, and leave the rest for an operator.
+            None => Settled {
+                queued: Vec::new(),
+                run_finished: store::nodes::count_finished_nodes(tx, run.run_id, 1, 1).await?,
+            },
+        };
+        Ok(Some(settled))
+    }
+
+    /// Publishes what a committed finish caused: the next tasks, a dead letter for a
+    /// failure; then counts and logs it.
+    pub(super) async fn after_finish(
+        &self,
+        message: &TaskMessage,
+        run: &RunContext,
+        workflow: Option<&Workflow>,
+        settled: Option<Settled>,
+        result: &Result<Value, AdapterError>,
+        started: Instant,
+    ) -> Result<Handled, EngineError> {
         let Some(settled) = settled else {
             return Ok(fenced(message));
         };
         if let Some(workflow) = workflow {
             self.publish_tasks(workflow, run, &settled.queued).await?;
         }
-        if let Some(error) = &error {
-            self.publish_dead(&failure_letter(self.publisher.topology(), message, error)).await?;
+        if let Err(error) = result {
+            let error = error.to_string();
+            self.publish_dead(&failure_letter(self.publisher.topology(), message, &error)).await?;
+            tracing::warn!(run = %message.run_id, node = %message.node_id, attempt = message.attempt,
+                %error, "node failed");
         }
         if let Some(state) = &settled.run_finished {
             self.record_run_finished(run, state);
@@ -67,13 +122,7 @@ impl Engine {
             "queue" => message.queue.clone().unwrap_or_default(),
             "type" => message.kind.clone().unwrap_or_default())
         .record(started.elapsed().as_secs_f64());
-        match &error {
-            Some(error) => tracing::warn!(run = %message.run_id, node = %message.node_id, attempt = message.attempt,
-                %error, "node failed"),
-            None => tracing::debug!(run = %message.run_id, node = %message.node_id, attempt = message.attempt,
-                "node completed"),
-        }
-        Ok(Handled::Done(outcome.as_str()))
+        Ok(Handled::Done(if result.is_ok() { "completed" } else { "failed" }))
     }
 
     /// `running → retrying`, then the next attempt's message into the retry tier that
@@ -127,40 +176,6 @@ impl Engine {
         tracing::info!(run = %message.run_id, node = %message.node_id, attempt = message.attempt, %profile,
             wait = ?delay, "deferred: breaker open");
         Ok(Handled::Done("deferred"))
-    }
-
-    /// The finishing transaction; `None` when the fence is stale.
-    #[allow(clippy::too_many_arguments)]
-    async fn commit_finish(
-        &self,
-        message: &TaskMessage,
-        fence: i64,
-        run: &RunContext,
-        workflow: Option<&Workflow>,
-        outcome: Finished,
-        output: Option<&Value>,
-        error: Option<&str>,
-    ) -> Result<Option<Settled>, StoreError> {
-        let mut client = self.store.client().await?;
-        let tx = client.transaction().await?;
-        let fenced_in =
-            store::nodes::finish(&tx, message.run_id, &message.node_id, fence, outcome.as_str(), output, error).await?;
-        if !fenced_in {
-            return Ok(None);
-        }
-        let settled = match workflow {
-            Some(workflow) => {
-                settle(&tx, workflow, run, Vec::new(), vec![(message.node_id.clone(), outcome)]).await?
-            }
-            // Without its workflow the DAG cannot advance: count the node, close the run
-            // if it was the last, and leave the rest for an operator.
-            None => Settled {
-                queued: Vec::new(),
-                run_finished: store::nodes::count_finished_nodes(&tx, run.run_id, 1, 1).await?,
-            },
-        };
-        tx.commit().await?;
-        Ok(Some(settled))
     }
 }
 

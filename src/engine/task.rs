@@ -27,6 +27,10 @@ impl Engine {
             Ok(message) => message,
             Err(poison) => return Ok(Handled::Poison(poison)),
         };
+        let span = tracing::Span::current();
+        span.record("run", tracing::field::display(message.run_id));
+        span.record("node", message.node_id.as_str());
+        span.record("attempt", message.attempt);
         let handled = self.process_task(&message, redelivered).await?;
         if let Handled::Done(outcome) = &handled {
             metrics::counter!(telemetry::TASKS_TOTAL,
@@ -39,30 +43,16 @@ impl Engine {
     }
 
     async fn process_task(&self, message: &TaskMessage, redelivered: bool) -> Result<Handled, EngineError> {
+        if message.kind.as_deref().is_some_and(is_builtin) {
+            return self.process_builtin(message, redelivered).await;
+        }
         let started = Instant::now();
         let client = self.store.client().await?;
         let claim = store::nodes::claim(&client, message.run_id, &message.node_id, message.attempt, redelivered).await?;
         drop(client);
-        let (fence, run) = match claim {
-            Claim::Claimed { fence, from_state, run } => {
-                if from_state == "running" {
-                    tracing::warn!(run = %message.run_id, node = %message.node_id, attempt = message.attempt,
-                        "took over a node left running by a lost worker");
-                }
-                (fence, run)
-            }
-            Claim::NotClaimable { state: None, .. } => {
-                return Ok(Handled::Poison(Poison::new(
-                    "unknown_node",
-                    format!("run {} has no node \"{}\"", message.run_id, message.node_id),
-                )));
-            }
-            Claim::NotClaimable { state: Some(state), attempt } => {
-                if redelivered && attempt == message.attempt {
-                    self.redrive(message, &state).await?;
-                }
-                return Ok(Handled::Done("duplicate"));
-            }
+        let (fence, run) = match self.claimed(message, redelivered, claim).await? {
+            Ok(claimed) => claimed,
+            Err(handled) => return Ok(handled),
         };
         let Some(workflow) = self.workflow(&run.workflow, run.version).await? else {
             let error = format!("workflow \"{}\" version {} is not stored", run.workflow, run.version);
@@ -73,6 +63,82 @@ impl Engine {
         let result = self.execute(&workflow, &run, message).await?;
         self.finish(message, fence, &run, Some(&workflow), result, started)
             .await
+    }
+
+    /// Built-in nodes (`noop`, `transform`) call nothing outside: they are claimed,
+    /// executed and finished in one transaction, which halves their commits. The type in
+    /// the message is only a hint; a node that turns out not to be built-in takes the
+    /// ordinary path with its claim committed first.
+    async fn process_builtin(&self, message: &TaskMessage, redelivered: bool) -> Result<Handled, EngineError> {
+        let started = Instant::now();
+        let mut client = self.store.client().await?;
+        let tx = client.transaction().await.map_err(store::StoreError::from)?;
+        let claim = store::nodes::claim(&tx, message.run_id, &message.node_id, message.attempt, redelivered).await?;
+        let (fence, run) = match self.claimed(message, redelivered, claim).await? {
+            Ok(claimed) => claimed,
+            Err(handled) => return Ok(handled),
+        };
+        let workflow = self.workflow(&run.workflow, run.version).await?;
+        let node = workflow.as_deref().and_then(|w| w.node(&message.node_id));
+        let (Some(workflow), Some(node)) = (&workflow, node) else {
+            tx.commit().await.map_err(store::StoreError::from)?;
+            drop(client);
+            let error = format!("workflow \"{}\" version {} has no node \"{}\"", run.workflow, run.version, message.node_id);
+            return self.finish(message, fence, &run, workflow.as_deref(), Err(AdapterError::Config(error)), started).await;
+        };
+        if !is_builtin(node.kind.as_str()) {
+            tx.commit().await.map_err(store::StoreError::from)?;
+            drop(client);
+            let result = self.execute(workflow, &run, message).await?;
+            return self.finish(message, fence, &run, Some(workflow), result, started).await;
+        }
+        let input = if self.adapters.reads_input(node) {
+            let context = template_context(&tx, workflow, &run, &node.id).await?;
+            template::render_value(&node.input, &context)
+                .map_err(|e| AdapterError::InvalidInput(format!("input template: {e}")))
+        } else {
+            Ok(Value::Null)
+        };
+        let result = match input {
+            Ok(input) => {
+                let call = Call { run_id: run.run_id, node, attempt: message.attempt, input, deadline: None };
+                self.adapters.run(&call).await.result
+            }
+            Err(e) => Err(e),
+        };
+        let settled = self.finish_in(&tx, message, fence, &run, Some(workflow), &result).await?;
+        tx.commit().await.map_err(store::StoreError::from)?;
+        drop(client);
+        self.after_finish(message, &run, Some(workflow), settled, &result, started).await
+    }
+
+    /// Turns a claim into (fence, run), or into how the message was handled when it is
+    /// not claimable (a duplicate, re-driven when redelivered; or a poison message).
+    async fn claimed(
+        &self,
+        message: &TaskMessage,
+        redelivered: bool,
+        claim: Claim,
+    ) -> Result<Result<(i64, RunContext), Handled>, EngineError> {
+        match claim {
+            Claim::Claimed { fence, from_state, run } => {
+                if from_state == "running" {
+                    tracing::warn!(run = %message.run_id, node = %message.node_id, attempt = message.attempt,
+                        "took over a node left running by a lost worker");
+                }
+                Ok(Ok((fence, run)))
+            }
+            Claim::NotClaimable { state: None, .. } => Ok(Err(Handled::Poison(Poison::new(
+                "unknown_node",
+                format!("run {} has no node \"{}\"", message.run_id, message.node_id),
+            )))),
+            Claim::NotClaimable { state: Some(state), attempt } => {
+                if redelivered && attempt == message.attempt {
+                    self.redrive(message, &state).await?;
+                }
+                Ok(Err(Handled::Done("duplicate")))
+            }
+        }
     }
 
     /// Renders the node's input and calls its adapter, within the node's timeout.
@@ -154,4 +220,9 @@ impl Engine {
 fn uuid_time(id: &uuid::Uuid) -> Option<chrono::DateTime<chrono::Utc>> {
     let (secs, nanos) = id.get_timestamp()?.to_unix();
     chrono::DateTime::from_timestamp(secs as i64, nanos)
+}
+
+/// Node types that run in-process and call nothing outside.
+fn is_builtin(kind: &str) -> bool {
+    matches!(kind, "noop" | "transform")
 }
