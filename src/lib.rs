@@ -13,7 +13,8 @@
 //! - [`adapter`]: the model-adapter trait and its implementations.
 //! - [`alert`]: notifiers (webhooks, Slack, e-mail) deduplicated per subject, and incidents.
 //! - [`mock_llm`]: the deterministic model server for the demo, tests and benchmarks.
-//! - [`telemetry`]: metric names, the exporter, health endpoints, logging.
+//! - [`telemetry`]: metric names, the exporter, health endpoints, the elected backlog
+//!   poller, logging.
 //! - [`bench`]: `dagq bench`, throughput, latency and overhead measured on this machine.
 //! - [`commands`]: what the CLI subcommands do, so that tests can drive them directly.
 #![forbid(unsafe_code)]

@@ -131,6 +131,12 @@ enum Command {
     /// Measure throughput, latency and overhead on this machine (prints figures).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Live view of queues, in-flight tasks, recent runs and open breakers (q to quit).
+    Top {
+        /// Print one frame and exit.
+        #[arg(long)]
+        once: bool,
+    },
     /// Run the code-review scenario end to end on the local services and a mock model.
     Demo,
     /// Serve a deterministic OpenAI- and Anthropic-compatible model API.
@@ -416,6 +422,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!("{}", result?);
         }
         Command::Bench(command) => bench(&settings, command).await?,
+        Command::Top { once } => commands::top(&settings, once).await?,
         Command::Demo => {
             commands::demo(&settings).await?;
         }

@@ -1,11 +1,13 @@
 //! RabbitMQ: the connection, the namespaced topology, publishing with confirms, and
 //! consuming with bounded prefetch. RabbitMQ only carries work; Postgres holds state.
 
+mod inspect;
 mod publisher;
 mod topology;
 
 use lapin::{Connection, ConnectionProperties};
 
+pub use inspect::{QueueCounts, QueueProbe};
 pub use publisher::{DeadLetter, Publisher, headers};
 pub use topology::{MAX_PRIORITY, RETRY_TIERS, Topology, retry_tier};
 

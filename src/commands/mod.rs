@@ -6,6 +6,7 @@ mod operate;
 mod produce;
 mod progress;
 mod report;
+mod top;
 mod wait;
 mod workflows;
 
@@ -16,6 +17,7 @@ pub use operate::{OperatorSession, format_breakers, format_dead_letters};
 pub use produce::{publish_event, request_run};
 pub use progress::Progress;
 pub use report::{format_run_status, format_runs};
+pub use top::{TopFrame, TopSession, format_top, top};
 pub use wait::wait_for_run;
 pub use workflows::{apply_files, format_workflow_list};
 

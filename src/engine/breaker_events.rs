@@ -1,6 +1,7 @@
 //! What happens when a profile's circuit breaker opens or closes: every worker hears it
-//! at once on the control exchange (and pauses or resumes the profile's queue), the
-//! gauge changes, and operators get an alert and an incident.
+//! at once on the control exchange (and pauses or resumes the profile's queue), and
+//! operators get an alert and an incident. (The `dagq_breaker_open` gauge is exported
+//! from the `breakers` table by the elected backlog poller, whichever worker saw it.)
 
 use serde_json::json;
 
@@ -8,7 +9,6 @@ use super::Engine;
 use crate::adapter::BreakerEvent;
 use crate::alert::{Alert, Severity};
 use crate::store::DeadLetterRow;
-use crate::telemetry;
 
 impl Engine {
     /// Spreads breaker changes caused by one task's calls.
@@ -24,7 +24,6 @@ impl Engine {
                     (profile, false)
                 }
             };
-            metrics::gauge!(telemetry::BREAKER_OPEN, "profile" => profile.clone()).set(if open { 1.0 } else { 0.0 });
             let body = json!({"breaker": profile, "state": if open { "open" } else { "closed" }});
             if let Err(e) = self.publisher.publish_control(body.to_string().as_bytes()).await {
                 // Workers also poll the breakers; the message only makes them act sooner.

@@ -19,6 +19,8 @@ use lapin::{Channel, Connection};
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+use tracing::field::Empty;
 
 use super::{Engine, EngineError, Handled};
 use crate::adapter::{Breakers, Registry};
@@ -43,6 +45,8 @@ pub struct WorkerOptions {
     pub grace: Duration,
     /// How often the list of task queues is refreshed (new workflows bring new queues).
     pub queue_refresh: Duration,
+    /// How often the elected worker polls the backlog (only workers serving HTTP run).
+    pub backlog_interval: Duration,
 }
 
 impl Default for WorkerOptions {
@@ -54,6 +58,7 @@ impl Default for WorkerOptions {
             migrate: true,
             grace: Duration::from_secs(30),
             queue_refresh: Duration::from_secs(2),
+            backlog_interval: Duration::from_secs(5),
         }
     }
 }
@@ -66,6 +71,7 @@ const DEAD_LETTER_PREFETCH: u16 = 16;
 pub struct Worker {
     settings: Settings,
     options: WorkerOptions,
+    listener: Option<tokio::net::TcpListener>,
 }
 
 /// What `/readyz` reports.
@@ -104,15 +110,35 @@ enum Source {
     DeadLetters,
 }
 
+impl Source {
+    /// The `queue` field of a delivery's span.
+    fn label(&self) -> &str {
+        match self {
+            Source::Triggers => "triggers",
+            Source::Tasks(queue) => queue,
+            Source::DeadLetters => "dead",
+        }
+    }
+}
+
 impl Worker {
     /// A worker with these settings.
     pub fn new(settings: Settings, options: WorkerOptions) -> Self {
-        Worker { settings, options }
+        Worker { settings, options, listener: None }
+    }
+
+    /// Binds the HTTP address now, so that the caller learns it (e.g. port 0's) before
+    /// `run`; `None` when the worker serves no HTTP.
+    pub async fn bind_http(&mut self) -> std::io::Result<Option<SocketAddr>> {
+        if let (Some(addr), None) = (self.options.http, &self.listener) {
+            self.listener = Some(tokio::net::TcpListener::bind(addr).await?);
+        }
+        self.listener.as_ref().map(|l| l.local_addr()).transpose()
     }
 
     /// Runs until `shutdown` is cancelled, then drains in-flight work within the grace
     /// period. Lost connections are retried with backoff, never fatal.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<Option<SocketAddr>, EngineError> {
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<Option<SocketAddr>, EngineError> {
         // A bad alert destination found now, not at the first outage.
         Alerter::check_config(&self.settings.file.alerts).map_err(|e| EngineError::Invalid(e.to_string()))?;
         if self.options.migrate {
@@ -136,17 +162,23 @@ impl Worker {
             store: store.clone(),
             broker_up: AtomicBool::new(false),
         });
-        let http = match self.options.http {
-            Some(addr) => Some(
-                telemetry::serve_http(addr, health.clone(), shutdown.clone())
+        let io_error = |e: std::io::Error| EngineError::Broker(broker::BrokerError::Amqp(lapin::Error::from(e)));
+        self.bind_http().await.map_err(io_error)?;
+        let http = match self.listener.take() {
+            Some(listener) => {
+                // Only workers that export take part in the election; the poller starts
+                // once serving installed the metrics recorder.
+                let poller = telemetry::BacklogPoller::new(&self.settings, self.options.backlog_interval);
+                let addr = telemetry::serve_http(listener, health.clone(), poller.export(), shutdown.clone())
                     .await
-                    .map_err(|e| EngineError::Broker(broker::BrokerError::Amqp(lapin::Error::from(e))))?,
-            ),
+                    .map_err(io_error)?;
+                tokio::spawn(poller.run(shutdown.clone()));
+                tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+                Some(addr)
+            }
             None => None,
         };
-        if let Some(addr) = http {
-            tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
-        }
+        metrics::gauge!(telemetry::WORKER_CAPACITY).set(self.options.concurrency as f64);
         let permits = Arc::new(Semaphore::new(self.options.concurrency));
         let tracker = TaskTracker::new();
         let mut backoff = Backoff::default();
@@ -337,10 +369,15 @@ async fn consume(mut consumer: lapin::Consumer, source: Source, consuming: Consu
         };
         let engine = consuming.engine.clone();
         let source = source.clone();
-        consuming.tracker.spawn(async move {
-            let _permit = permit;
-            process(&engine, &source, delivery).await;
-        });
+        // Task handling records run, node and attempt once the message is parsed.
+        let span = tracing::info_span!("delivery", queue = source.label(), run = Empty, node = Empty, attempt = Empty);
+        consuming.tracker.spawn(
+            async move {
+                let _permit = permit;
+                process(&engine, &source, delivery).await;
+            }
+            .instrument(span),
+        );
     }
 }
 
@@ -450,7 +487,10 @@ async fn process(engine: &Engine, source: &Source, delivery: Delivery) {
         Source::DeadLetters => engine.handle_dead(&delivery.data, &delivery.properties).await,
     };
     let settle = match result {
-        Ok(Handled::Done(_)) => Settle::Ack,
+        Ok(Handled::Done(outcome)) => {
+            tracing::debug!(outcome, "delivery processed");
+            Settle::Ack
+        }
         Ok(Handled::Poison(poison)) => {
             tracing::warn!(%queue, reason = poison.reason, detail = %poison.detail, "dead-lettering a message that cannot be processed");
             dead_letter(engine, &delivery, &queue, poison.reason, &poison.detail).await

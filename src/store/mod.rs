@@ -1,5 +1,6 @@
 //! Postgres: the source of truth. The pool, migrations, and the queries of each table.
 
+mod backlog;
 pub(crate) mod control;
 mod dead_letters;
 mod migrate;
@@ -14,6 +15,7 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
+pub use backlog::{Election, QueueNodes};
 pub use dead_letters::DeadLetterRow;
 pub use nodes::{Claim, NodeOutput, QueuedTask, RunContext};
 pub use runs::{
