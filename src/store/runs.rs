@@ -45,13 +45,18 @@ pub(crate) async fn insert_run(
     client: &impl GenericClient,
     run: &NewRun<'_>,
 ) -> Result<StartedRun, StoreError> {
-    let inserted = client
-        .query_opt(
+    let insert = client
+        .prepare_cached(
             "INSERT INTO runs (id, workflow, version, state, event_source, event_id, event, input,
                                priority, nodes_left)
              VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8, $9)
              ON CONFLICT (event_source, event_id, workflow) DO NOTHING
              RETURNING id",
+        )
+        .await?;
+    let inserted = client
+        .query_opt(
+            &insert,
             &[
                 &run.id,
                 &run.workflow,
