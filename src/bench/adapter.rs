@@ -66,9 +66,11 @@ pub async fn bench_adapter(bench: &AdapterBench) -> Result<AdapterReport, BenchE
     let url = format!("http://{mock}/v1/chat/completions");
     let direct_body = json!({"model": "mock", "messages": [{"role": "user", "content": "Review src/main.rs please"}]});
 
-    let direct = open_loop(bench, {
+    // Warm both paths (connections, allocator, caches) before either is measured.
+    let warm_up = AdapterBench { rate: bench.rate, seconds: 1 };
+    let direct_request = {
         let (client, url, body) = (direct_client.clone(), url.clone(), direct_body.clone());
-        move |_| {
+        move |_: u64| {
             let (client, url, body) = (client.clone(), url.clone(), body.clone());
             async move {
                 let response = client.post(&url).json(&body).send().await.map_err(|e| e.to_string())?;
@@ -76,11 +78,12 @@ pub async fn bench_adapter(bench: &AdapterBench) -> Result<AdapterReport, BenchE
                 Ok(())
             }
         }
-    })
-    .await?;
-    let adapter = open_loop(bench, {
+    };
+    open_loop(&warm_up, direct_request.clone()).await?;
+    let direct = open_loop(bench, direct_request).await?;
+    let adapter_request = {
         let (registry, node) = (registry.clone(), node.clone());
-        move |i| {
+        move |i: u64| {
             let (registry, node) = (registry.clone(), node.clone());
             async move {
                 let context = template::context(&json!({"input": {"file": "src/main.rs"}}));
@@ -90,8 +93,9 @@ pub async fn bench_adapter(bench: &AdapterBench) -> Result<AdapterReport, BenchE
                 outcome.result.map(|_| ()).map_err(|e| e.to_string())
             }
         }
-    })
-    .await?;
+    };
+    open_loop(&warm_up, adapter_request.clone()).await?;
+    let adapter = open_loop(bench, adapter_request).await?;
     shutdown.cancel();
     let (d, a) = (direct.percentiles(), adapter.percentiles());
     Ok(AdapterReport {
