@@ -21,7 +21,9 @@ fn server_url() -> String {
     let url = std::env::var("DAGQ_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/dagq".into());
     match url.rfind('/') {
-        Some(i) if url[..i].contains("://") && i > url.find("://").unwrap() + 2 => url[..i].to_owned(),
+        Some(i) if url[..i].contains("://") && i > url.find("://").unwrap() + 2 => {
+            url[..i].to_owned()
+        }
         _ => url,
     }
 }
@@ -70,7 +72,13 @@ impl TestEnv {
             );
         }
         let store = Store::connect(&settings.database_url, 4).expect("database URL parses");
-        TestEnv { settings, store, namespace, database, publisher: Default::default() }
+        TestEnv {
+            settings,
+            store,
+            namespace,
+            database,
+            publisher: Default::default(),
+        }
     }
 
     pub fn topology(&self) -> Topology {
@@ -79,9 +87,14 @@ impl TestEnv {
 
     /// Validates and stores a workflow; returns it with its version.
     pub async fn apply(&self, document: Value) -> Workflow {
-        let mut workflow =
-            Workflow::from_json(&document, Some(&self.settings.file.models)).expect("test workflow is valid");
-        workflow.version = self.store.apply_workflow(&workflow).await.expect("apply").version;
+        let mut workflow = Workflow::from_json(&document, Some(&self.settings.file.models))
+            .expect("test workflow is valid");
+        workflow.version = self
+            .store
+            .apply_workflow(&workflow)
+            .await
+            .expect("apply")
+            .version;
         workflow
     }
 
@@ -90,8 +103,12 @@ impl TestEnv {
         let (_, publisher) = self
             .publisher
             .get_or_init(|| async {
-                let connection = broker::connect(&self.settings.amqp_url, "test").await.expect("connect");
-                let publisher = Publisher::open(&connection, self.topology()).await.expect("publisher");
+                let connection = broker::connect(&self.settings.amqp_url, "test")
+                    .await
+                    .expect("connect");
+                let publisher = Publisher::open(&connection, self.topology())
+                    .await
+                    .expect("publisher");
                 (connection, Arc::new(publisher))
             })
             .await;
@@ -143,9 +160,18 @@ impl TestEnv {
     /// Starts an in-process worker; stop it with `WorkerHandle::stop`.
     pub fn start_worker(&self, options: WorkerOptions) -> WorkerHandle {
         let shutdown = CancellationToken::new();
-        let worker = Worker::new(self.settings.clone(), WorkerOptions { migrate: false, ..options });
+        let worker = Worker::new(
+            self.settings.clone(),
+            WorkerOptions {
+                migrate: false,
+                ..options
+            },
+        );
         let join = tokio::spawn(worker.run(shutdown.clone()));
-        WorkerHandle { shutdown, join: Some(join) }
+        WorkerHandle {
+            shutdown,
+            join: Some(join),
+        }
     }
 
     /// An in-process worker with default options and a fast queue refresh.
@@ -183,7 +209,9 @@ impl TestEnv {
     /// Runs a SQL query returning one i64.
     pub async fn count(&self, sql: &str) -> i64 {
         let url = &self.settings.database_url;
-        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
         tokio::spawn(connection);
         client.query_one(sql, &[]).await.unwrap().get(0)
     }
@@ -191,7 +219,9 @@ impl TestEnv {
     /// A direct Postgres client for assertions.
     pub async fn sql(&self) -> tokio_postgres::Client {
         let (client, connection) =
-            tokio_postgres::connect(&self.settings.database_url, tokio_postgres::NoTls).await.unwrap();
+            tokio_postgres::connect(&self.settings.database_url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
         tokio::spawn(connection);
         client
     }
@@ -204,23 +234,31 @@ impl Drop for TestEnv {
         let namespace = self.namespace.clone();
         // Drop runs outside any runtime guarantee: clean up on a thread of our own.
         let cleanup = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             runtime.block_on(async move {
                 let queues = match Store::connect(&settings.database_url, 1) {
                     Ok(store) => store.known_queues().await.unwrap_or_default(),
                     Err(_) => Vec::new(),
                 };
-                if let Ok(connection) = broker::connect(&settings.amqp_url, "test-cleanup").await {
-                    if let Ok(channel) = connection.create_channel().await {
-                        let _ = Topology::new(&namespace).delete(&channel, &queues).await;
-                    }
+                if let Ok(connection) = broker::connect(&settings.amqp_url, "test-cleanup").await
+                    && let Ok(channel) = connection.create_channel().await
+                {
+                    let _ = Topology::new(&namespace).delete(&channel, &queues).await;
                 }
-                if let Ok((client, connection)) =
-                    tokio_postgres::connect(&format!("{}/postgres", server_url()), tokio_postgres::NoTls).await
+                if let Ok((client, connection)) = tokio_postgres::connect(
+                    &format!("{}/postgres", server_url()),
+                    tokio_postgres::NoTls,
+                )
+                .await
                 {
                     tokio::spawn(connection);
                     let _ = client
-                        .batch_execute(&format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"))
+                        .batch_execute(&format!(
+                            "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
+                        ))
                         .await;
                 }
             });
@@ -232,7 +270,9 @@ impl Drop for TestEnv {
 /// An in-process worker.
 pub struct WorkerHandle {
     pub shutdown: CancellationToken,
-    join: Option<tokio::task::JoinHandle<Result<Option<std::net::SocketAddr>, dagq::engine::EngineError>>>,
+    join: Option<
+        tokio::task::JoinHandle<Result<Option<std::net::SocketAddr>, dagq::engine::EngineError>>,
+    >,
 }
 
 impl WorkerHandle {
@@ -312,7 +352,10 @@ pub fn node<'a>(status: &'a RunStatus, id: &str) -> &'a dagq::store::NodeStatus 
 pub async fn queue_depth(env: &TestEnv, queue: &str) -> u32 {
     // A passive declaration of a missing queue closes its channel: use a fresh one.
     let channel = env.channel().await;
-    let options = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+    let options = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
     channel
         .queue_declare(queue.into(), options, lapin::types::FieldTable::default())
         .await
@@ -322,10 +365,22 @@ pub async fn queue_depth(env: &TestEnv, queue: &str) -> u32 {
 
 /// Waits until the run that `event` started exists and returns its id.
 pub async fn run_id_of(env: &TestEnv, event: &Value) -> uuid::Uuid {
-    let (source, id) = (event["source"].as_str().unwrap(), event["id"].as_str().unwrap());
-    eventually("the event to start a run", Duration::from_secs(30), || async {
-        env.store.run_for_event(source, id).await.unwrap().first().map(|r| r.id)
-    })
+    let (source, id) = (
+        event["source"].as_str().unwrap(),
+        event["id"].as_str().unwrap(),
+    );
+    eventually(
+        "the event to start a run",
+        Duration::from_secs(30),
+        || async {
+            env.store
+                .run_for_event(source, id)
+                .await
+                .unwrap()
+                .first()
+                .map(|r| r.id)
+        },
+    )
     .await
 }
 
@@ -334,8 +389,14 @@ pub async fn queue_consumers(env: &TestEnv, queue: &str) -> u32 {
     // A passive declaration of a missing queue closes its channel: use a fresh one, and
     // close it, since callers poll and channels per connection are limited.
     let channel = env.channel().await;
-    let options = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
-    match channel.queue_declare(queue.into(), options, lapin::types::FieldTable::default()).await {
+    let options = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    match channel
+        .queue_declare(queue.into(), options, lapin::types::FieldTable::default())
+        .await
+    {
         Ok(declared) => {
             let _ = channel.close(200, "counted".into()).await;
             declared.consumer_count()
@@ -348,12 +409,21 @@ pub async fn queue_consumers(env: &TestEnv, queue: &str) -> u32 {
 /// node completed at attempt 1, with exactly one transition to `queued` and one to
 /// `completed` (and one to `running` unless `takeovers` allows a re-claim after a lost
 /// worker), and every node queued only after all its parents completed.
-pub async fn assert_each_node_ran_once(env: &TestEnv, workflow: &Value, runs: i64, takeovers: bool) {
+pub async fn assert_each_node_ran_once(
+    env: &TestEnv,
+    workflow: &Value,
+    runs: i64,
+    takeovers: bool,
+) {
     let nodes = workflow["nodes"].as_array().expect("workflow has nodes");
     let sql = env.sql().await;
     let one = |row: tokio_postgres::Row| row.get::<_, i64>(0);
     let q = |text: &'static str| sql.query_one(text, &[]);
-    assert_eq!(one(q("SELECT count(*) FROM runs").await.unwrap()), runs, "runs started");
+    assert_eq!(
+        one(q("SELECT count(*) FROM runs").await.unwrap()),
+        runs,
+        "runs started"
+    );
     let states: Vec<(String, i64)> = sql
         .query("SELECT state, count(*) FROM runs GROUP BY state", &[])
         .await
@@ -364,9 +434,11 @@ pub async fn assert_each_node_ran_once(env: &TestEnv, workflow: &Value, runs: i6
     assert_eq!(states, [("completed".to_owned(), runs)], "run states");
     let node_runs = one(q("SELECT count(*) FROM node_runs").await.unwrap());
     assert_eq!(node_runs, runs * nodes.len() as i64, "node rows");
-    let unfinished = one(
-        q("SELECT count(*) FROM node_runs WHERE state <> 'completed' OR attempt <> 1").await.unwrap(),
-    );
+    let unfinished = one(q(
+        "SELECT count(*) FROM node_runs WHERE state <> 'completed' OR attempt <> 1",
+    )
+    .await
+    .unwrap());
     assert_eq!(unfinished, 0, "nodes not completed at attempt 1");
     let offenders: Vec<String> = sql
         .query(
@@ -386,7 +458,10 @@ pub async fn assert_each_node_ran_once(env: &TestEnv, workflow: &Value, runs: i6
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert!(offenders.is_empty(), "nodes whose transitions break exactly-once: {offenders:#?}");
+    assert!(
+        offenders.is_empty(),
+        "nodes whose transitions break exactly-once: {offenders:#?}"
+    );
     for child in nodes {
         let parents: Vec<&str> = child["depends"]
             .as_array()
@@ -404,6 +479,88 @@ pub async fn assert_each_node_ran_once(env: &TestEnv, workflow: &Value, runs: i6
             )
             .await
             .unwrap();
-        assert_eq!(one(early), 0, "node {} queued before one of its parents {parents:?} completed", child["id"]);
+        assert_eq!(
+            one(early),
+            0,
+            "node {} queued before one of its parents {parents:?} completed",
+            child["id"]
+        );
     }
+}
+
+/// The mock model server (`dagq::mock_llm`) on a free loopback port with this latency,
+/// and a model profile `mock` on it, both as a `FileConfig` (for in-process use and
+/// `apply`) and as a `dagq.toml` file for worker processes. Stops and removes the file
+/// on drop.
+pub struct MockModels {
+    pub file: FileConfig,
+    pub config_path: std::path::PathBuf,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+impl MockModels {
+    pub async fn start(latency: Duration) -> MockModels {
+        let stop = CancellationToken::new();
+        let options = dagq::mock_llm::MockOptions {
+            latency,
+            ..Default::default()
+        };
+        let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        let addr = dagq::mock_llm::serve(loopback, options, stop.clone())
+            .await
+            .expect("the mock model server binds a loopback port");
+        let toml = format!(
+            "[models.mock]\nprovider = \"openai\"\nbase_url = \"http://{addr}/v1\"\nmodel = \"mock-1\"\n"
+        );
+        let file: FileConfig = toml::from_str(&toml).expect("the mock profile parses");
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let config_path = std::env::temp_dir().join(format!("dagq-test-{}.toml", &id[..12]));
+        std::fs::write(&config_path, toml).expect("write the worker configuration");
+        MockModels {
+            file,
+            config_path,
+            _stop: stop.drop_guard(),
+        }
+    }
+
+    /// `dagq worker ARGS` as a separate process on this configuration (stderr shown).
+    pub fn spawn_worker(&self, env: &TestEnv, args: &[&str]) -> Child {
+        env.command()
+            .env("DAGQ_CONFIG", &self.config_path)
+            .args(["worker", "--no-migrate"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn dagq worker")
+    }
+}
+
+impl Drop for MockModels {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.config_path);
+    }
+}
+
+/// The diamond A → B, C, D → E of chat nodes on the `mock` profile, each asking about
+/// the run input and its parents' answers.
+pub fn chat_diamond(name: &str) -> Value {
+    let chat = |id: &str, depends: &[&str]| {
+        let asked: String = depends
+            .iter()
+            .map(|d| format!(" {{{{ nodes.{d}.output.text }}}}"))
+            .collect();
+        serde_json::json!({"id": id, "type": "chat", "model": "mock", "depends": depends,
+            "input": {"messages": [{"role": "user", "content": format!("{id} {{{{ input.n }}}}{asked}")}]}})
+    };
+    serde_json::json!({"name": name, "nodes": [
+        chat("a", &[]), chat("b", &["a"]), chat("c", &["a"]), chat("d", &["a"]),
+        chat("e", &["b", "c", "d"])
+    ]})
+}
+
+/// Runs of the test's database not yet finished.
+pub async fn unfinished_runs(env: &TestEnv) -> i64 {
+    env.count("SELECT count(*) FROM runs WHERE state = 'running'")
+        .await
 }
