@@ -558,9 +558,3 @@ pub fn chat_diamond(name: &str) -> Value {
         chat("e", &["b", "c", "d"])
     ]})
 }
-
-/// Runs of the test's database not yet finished.
-pub async fn unfinished_runs(env: &TestEnv) -> i64 {
-    env.count("SELECT count(*) FROM runs WHERE state = 'running'")
-        .await
-}

@@ -217,3 +217,105 @@ pub async fn run_dagq(command: Command) -> String {
     );
     stdout
 }
+
+/// An OpenAI chat-completions answer saying `text`.
+pub fn chat_reply(text: &str) -> Reply {
+    json_reply(
+        200,
+        json!({
+            "id": "chatcmpl-stub", "object": "chat.completion", "model": "stub-model",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": text}}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2}
+        }),
+    )
+}
+
+/// How many requests a stub received on `path`.
+pub fn hits(stub: &Stub, path: &str) -> usize {
+    stub.seen().iter().filter(|s| s.path == path).count()
+}
+
+/// A JSON error answer with `status`.
+pub fn status_reply(status: u16) -> Reply {
+    json_reply(
+        status,
+        json!({"error": {"message": format!("stub says {status}")}}),
+    )
+}
+
+/// A provider that answers its first `failures` requests with `failure`, then "fine".
+pub async fn failing_first(failures: usize, failure: Reply) -> Stub {
+    let count = std::sync::atomic::AtomicUsize::new(0);
+    stub(move |_| {
+        if count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < failures {
+            failure.clone()
+        } else {
+            chat_reply("fine")
+        }
+    })
+    .await
+}
+
+/// A provider that answers `failure` until the switch is turned on, then `text`.
+pub async fn switchable(
+    failure: Reply,
+    text: &'static str,
+) -> (Stub, Arc<std::sync::atomic::AtomicBool>) {
+    let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let switch = healthy.clone();
+    let stub = stub(move |_| {
+        if switch.load(std::sync::atomic::Ordering::SeqCst) {
+            chat_reply(text)
+        } else {
+            failure.clone()
+        }
+    })
+    .await;
+    (stub, healthy)
+}
+
+/// OpenAI-speaking model profiles on stubs, alerts to `<alerts>/alerts` when given, and
+/// the circuit breaker out of the way (an open breaker defers tasks instead of failing
+/// them, which tests of retries and dead letters do not want).
+pub fn stub_config(profiles: &[(&str, &Stub)], alerts: Option<&Stub>) -> FileConfig {
+    let models = profiles
+        .iter()
+        .map(|(name, stub)| {
+            let base = format!("{}/v1", stub.base);
+            (
+                name.to_string(),
+                profile(Provider::Openai, &base, "stub-model"),
+            )
+        })
+        .collect();
+    let webhooks = alerts.map(|a| vec![format!("{}/alerts", a.base)]);
+    FileConfig {
+        models,
+        breaker: dagq::config::BreakerConfig {
+            threshold: 1000,
+            cooldown: Duration::from_secs(1),
+        },
+        alerts: dagq::config::AlertsConfig {
+            webhooks: webhooks.unwrap_or_default(),
+            ..Default::default()
+        },
+    }
+}
+
+/// A node retry policy without jitter, delays doubling from `initial_delay`.
+pub fn retry_policy(max_attempts: u32, initial_delay: &str) -> Value {
+    json!({"max_attempts": max_attempts, "initial_delay": initial_delay, "max_delay": "1m",
+           "multiplier": 2.0, "jitter": false})
+}
+
+/// Workflow `ask`: node `ask` (a chat on `profile` asking `input.q`) → `after` (a
+/// transform of its answer).
+pub fn ask_workflow(profile: &str, retry: Value) -> Value {
+    json!({"name": "ask", "nodes": [
+        {"id": "ask", "type": "chat", "model": profile, "retry": retry,
+         "input": {"messages": [{"role": "user", "content": "{{ input.q }}"}]}},
+        {"id": "after", "type": "transform", "depends": ["ask"],
+         "input": {"said": "{{ nodes.ask.output.text }}"}}
+    ]})
+}
