@@ -14,7 +14,11 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 #[derive(Parser, Debug)]
-#[command(name = "dagq", version, about = "DAG workflows of AI-model tasks on RabbitMQ and Postgres")]
+#[command(
+    name = "dagq",
+    version,
+    about = "DAG workflows of AI-model tasks on RabbitMQ and Postgres"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -296,7 +300,13 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 println!("applied: {}", applied.join(", "));
             }
         }
-        Command::Worker { queues, concurrency, http, no_migrate, grace } => {
+        Command::Worker {
+            queues,
+            concurrency,
+            http,
+            no_migrate,
+            grace,
+        } => {
             let http = match http.as_str() {
                 "off" | "none" | "" => None,
                 addr => Some(addr.parse::<SocketAddr>().with_context(|| {
@@ -319,7 +329,14 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             Worker::new(settings, options).run(shutdown).await?;
         }
         Command::Workflow(command) => workflow(&settings, command).await?,
-        Command::Run { workflow, input, priority, wait, json, timeout } => {
+        Command::Run {
+            workflow,
+            input,
+            priority,
+            wait,
+            json,
+            timeout,
+        } => {
             let input = json_argument("--input", &input)?;
             let store = Store::connect(&settings.database_url, 2)?;
             if store.workflow_definition(&workflow, None).await?.is_none() {
@@ -328,13 +345,17 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 )));
             }
             let event = commands::request_run(&settings, &workflow, input, priority).await?;
-            let (source, id) = (event["source"].as_str().unwrap_or_default(), event["id"].as_str().unwrap_or_default());
+            let (source, id) = (
+                event["source"].as_str().unwrap_or_default(),
+                event["id"].as_str().unwrap_or_default(),
+            );
             if !wait {
                 println!("requested a run of {workflow} (event {id})");
                 return Ok(ExitCode::SUCCESS);
             }
             let status =
-                commands::wait_for_run(&store, source, id, Duration::from_secs(timeout), !json).await?;
+                commands::wait_for_run(&store, source, id, Duration::from_secs(timeout), !json)
+                    .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -344,37 +365,61 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Command::Publish { kind, source, id, subject, data } => {
+        Command::Publish {
+            kind,
+            source,
+            id,
+            subject,
+            data,
+        } => {
             let data = json_argument("--data", &data)?;
-            let mut event = dagq::engine::messages::new_event(&kind, &source, subject.as_deref(), data);
+            let mut event =
+                dagq::engine::messages::new_event(&kind, &source, subject.as_deref(), data);
             if let Some(id) = id {
                 event["id"] = id.into();
             }
             commands::publish_event(&settings, &event, 0).await?;
-            println!("published {kind} event {}", event["id"].as_str().unwrap_or_default());
+            println!(
+                "published {kind} event {}",
+                event["id"].as_str().unwrap_or_default()
+            );
         }
         Command::Status { run_id, json } => {
             let store = Store::connect(&settings.database_url, 1)?;
-            let status = store
-                .run_status(run_id)
-                .await?
-                .ok_or_else(|| CommandError::NotFound(format!("no run {run_id}; `dagq runs` lists runs")))?;
+            let status = store.run_status(run_id).await?.ok_or_else(|| {
+                CommandError::NotFound(format!("no run {run_id}; `dagq runs` lists runs"))
+            })?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print!("{}", commands::format_run_status(&status));
             }
         }
-        Command::Runs { workflow, state, limit, json } => {
+        Command::Runs {
+            workflow,
+            state,
+            limit,
+            json,
+        } => {
             let store = Store::connect(&settings.database_url, 1)?;
-            let runs = store.list_runs(&RunFilter { workflow, state, limit }).await?;
+            let runs = store
+                .list_runs(&RunFilter {
+                    workflow,
+                    state,
+                    limit,
+                })
+                .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&runs)?);
             } else {
                 print!("{}", commands::format_runs(&runs));
             }
         }
-        Command::Retry { run_id, node, input } => {
+        Command::Retry {
+            run_id,
+            node,
+            input,
+        } => {
             let input = input.map(|i| json_argument("--input", &i)).transpose()?;
             let session = commands::OperatorSession::open(&settings).await?;
             let result = session.retry(run_id, node.as_deref(), input).await;
@@ -426,9 +471,16 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Demo => {
             commands::demo(&settings).await?;
         }
-        Command::MockLlm { addr, latency_ms, fail_rate, fail_status } => {
+        Command::MockLlm {
+            addr,
+            latency_ms,
+            fail_rate,
+            fail_status,
+        } => {
             if !(0.0..=1.0).contains(&fail_rate) {
-                anyhow::bail!("--fail-rate {fail_rate} is out of range; use a share from 0.0 to 1.0");
+                anyhow::bail!(
+                    "--fail-rate {fail_rate} is out of range; use a share from 0.0 to 1.0"
+                );
             }
             let options = dagq::mock_llm::MockOptions {
                 latency: Duration::from_millis(latency_ms),
@@ -440,7 +492,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let bound = dagq::mock_llm::serve(addr, options, shutdown.clone())
                 .await
                 .with_context(|| format!("cannot listen on {addr}; pick another with --addr"))?;
-            println!("mock-llm serving OpenAI (/v1/...) and Anthropic (/v1/messages) APIs on http://{bound}");
+            println!(
+                "mock-llm serving OpenAI (/v1/...) and Anthropic (/v1/messages) APIs on http://{bound}"
+            );
             shutdown.cancelled().await;
         }
     }
@@ -450,21 +504,43 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
 async fn bench(settings: &Settings, command: BenchCommand) -> anyhow::Result<()> {
     use dagq::bench;
     match command {
-        BenchCommand::Diamond { runs, workers, concurrency, task_latency_ms, json } => {
-            let params = bench::DiamondBench { runs, workers, concurrency, task_latency_ms };
+        BenchCommand::Diamond {
+            runs,
+            workers,
+            concurrency,
+            task_latency_ms,
+            json,
+        } => {
+            let params = bench::DiamondBench {
+                runs,
+                workers,
+                concurrency,
+                task_latency_ms,
+            };
             let r = bench::bench_diamond(settings, &params).await?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
                 return Ok(());
             }
-            let model = task_latency_ms.map_or("noop tasks".to_owned(), |ms| format!("chat tasks, mock model {ms} ms"));
-            println!("diamond: {} runs ({} tasks) in {:.2} s with {workers} worker(s), {model}", r.runs, r.tasks, r.seconds);
-            println!("  throughput   {:.0} runs/s, {:.0} tasks/s", r.runs_per_sec, r.tasks_per_sec);
+            let model = task_latency_ms.map_or("noop tasks".to_owned(), |ms| {
+                format!("chat tasks, mock model {ms} ms")
+            });
+            println!(
+                "diamond: {} runs ({} tasks) in {:.2} s with {workers} worker(s), {model}",
+                r.runs, r.tasks, r.seconds
+            );
+            println!(
+                "  throughput   {:.0} runs/s, {:.0} tasks/s",
+                r.runs_per_sec, r.tasks_per_sec
+            );
             println!(
                 "  run latency  p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms (event published -> run completed)",
                 r.run_latency_ms.p50, r.run_latency_ms.p95, r.run_latency_ms.p99
             );
-            println!("  workers      peak RSS {:.1} MiB, CPU {:.1} s", r.worker_peak_rss_mb, r.worker_cpu_seconds);
+            println!(
+                "  workers      peak RSS {:.1} MiB, CPU {:.1} s",
+                r.worker_peak_rss_mb, r.worker_cpu_seconds
+            );
             match bench::saved_ceiling() {
                 Some(ceiling) => println!(
                     "  vs ceiling   {:.0}% of {ceiling:.0}/s measured by `dagq bench limit`",
@@ -478,7 +554,10 @@ async fn bench(settings: &Settings, command: BenchCommand) -> anyhow::Result<()>
             if json {
                 println!("{}", serde_json::to_string(&p)?);
             } else {
-                println!("latency: {runs} diamond runs one at a time: p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms", p.p50, p.p95, p.p99);
+                println!(
+                    "latency: {runs} diamond runs one at a time: p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms",
+                    p.p50, p.p95, p.p99
+                );
             }
         }
         BenchCommand::Limit { seconds, json } => {
@@ -486,22 +565,44 @@ async fn bench(settings: &Settings, command: BenchCommand) -> anyhow::Result<()>
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
-                println!("broker:   {:.0} hops/s (consume, publish a follow-up with confirm, ack)", r.broker_hops_per_sec);
+                println!(
+                    "broker:   {:.0} hops/s (consume, publish a follow-up with confirm, ack)",
+                    r.broker_hops_per_sec
+                );
                 for (clients, rate) in &r.pg_transitions_per_sec {
                     println!("postgres: {rate:.0} transitions/s with {clients} client(s)");
                 }
-                println!("ceiling:  {:.0}/s (the lower of the two)", r.ceiling_per_sec);
+                println!(
+                    "ceiling:  {:.0}/s (the lower of the two)",
+                    r.ceiling_per_sec
+                );
             }
         }
-        BenchCommand::Adapter { rate, seconds, json } => {
+        BenchCommand::Adapter {
+            rate,
+            seconds,
+            json,
+        } => {
             let r = bench::bench_adapter(&bench::AdapterBench { rate, seconds }).await?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
-                println!("adapter overhead at {rate} requests/s ({} requests per pass):", r.requests);
-                println!("  direct HTTP   p50 {:.3} ms, p99 {:.3} ms", r.direct_ms.p50, r.direct_ms.p99);
-                println!("  dagq adapter  p50 {:.3} ms, p99 {:.3} ms", r.adapter_ms.p50, r.adapter_ms.p99);
-                println!("  added         p50 {:.3} ms, p99 {:.3} ms", r.added_p50_ms, r.added_p99_ms);
+                println!(
+                    "adapter overhead at {rate} requests/s ({} requests per pass):",
+                    r.requests
+                );
+                println!(
+                    "  direct HTTP   p50 {:.3} ms, p99 {:.3} ms",
+                    r.direct_ms.p50, r.direct_ms.p99
+                );
+                println!(
+                    "  dagq adapter  p50 {:.3} ms, p99 {:.3} ms",
+                    r.adapter_ms.p50, r.adapter_ms.p99
+                );
+                println!(
+                    "  added         p50 {:.3} ms, p99 {:.3} ms",
+                    r.added_p50_ms, r.added_p99_ms
+                );
             }
         }
     }
@@ -514,7 +615,11 @@ async fn workflow(settings: &Settings, command: WorkflowCommand) -> anyhow::Resu
     match command {
         WorkflowCommand::Apply { files } => {
             for applied in commands::apply_files(settings, &store, &files).await? {
-                let what = if applied.created { "applied" } else { "unchanged" };
+                let what = if applied.created {
+                    "applied"
+                } else {
+                    "unchanged"
+                };
                 println!("{}: version {} ({what})", applied.name, applied.version);
             }
         }
@@ -527,9 +632,14 @@ async fn workflow(settings: &Settings, command: WorkflowCommand) -> anyhow::Resu
             }
         }
         WorkflowCommand::Show { name, version } => {
-            let (_, definition) = store.workflow_definition(&name, version).await?.ok_or_else(|| {
-                CommandError::NotFound(format!("no workflow \"{name}\"; `dagq workflow list` lists them"))
-            })?;
+            let (_, definition) = store
+                .workflow_definition(&name, version)
+                .await?
+                .ok_or_else(|| {
+                    CommandError::NotFound(format!(
+                        "no workflow \"{name}\"; `dagq workflow list` lists them"
+                    ))
+                })?;
             println!("{}", serde_json::to_string_pretty(&definition)?);
         }
     }
@@ -539,7 +649,10 @@ async fn workflow(settings: &Settings, command: WorkflowCommand) -> anyhow::Resu
 /// The first SIGINT/SIGTERM asks for a graceful stop; a second one exits at once.
 async fn cancel_on_signal(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         return;
     };
     for round in 0..2 {

@@ -59,7 +59,11 @@ pub fn router(options: MockOptions) -> Router {
 
 /// Serves the mock on `addr` until `shutdown`; returns the bound address (pass port 0
 /// for a free one).
-pub async fn serve(addr: SocketAddr, options: MockOptions, shutdown: CancellationToken) -> std::io::Result<SocketAddr> {
+pub async fn serve(
+    addr: SocketAddr,
+    options: MockOptions,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     tokio::spawn(async move {
@@ -86,7 +90,12 @@ fn fnv(parts: &[&[u8]]) -> u64 {
 }
 
 /// Waits the configured latency, then decides whether this request fails.
-async fn prelude(options: &MockOptions, headers: &HeaderMap, body: &Value, api: Api) -> Option<Response> {
+async fn prelude(
+    options: &MockOptions,
+    headers: &HeaderMap,
+    body: &Value,
+    api: Api,
+) -> Option<Response> {
     if !options.latency.is_zero() {
         tokio::time::sleep(options.latency).await;
     }
@@ -96,20 +105,35 @@ async fn prelude(options: &MockOptions, headers: &HeaderMap, body: &Value, api: 
     if options.fail_rate <= 0.0 {
         return None;
     }
-    let key = headers.get("idempotency-key").map(HeaderValue::as_bytes).unwrap_or_default();
+    let key = headers
+        .get("idempotency-key")
+        .map(HeaderValue::as_bytes)
+        .unwrap_or_default();
     let roll = fnv(&[body.to_string().as_bytes(), key]) as f64 / u64::MAX as f64;
-    (roll < options.fail_rate).then(|| error(api, options.fail_status, "injected failure (mock-llm --fail-rate)"))
+    (roll < options.fail_rate).then(|| {
+        error(
+            api,
+            options.fail_status,
+            "injected failure (mock-llm --fail-rate)",
+        )
+    })
 }
 
 fn error(api: Api, status: u16, message: &str) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let body = match api {
-        Api::OpenAi => json!({"error": {"message": message, "type": "mock_error", "code": status.as_u16()}}),
-        Api::Anthropic => json!({"type": "error", "error": {"type": "api_error", "message": message}}),
+        Api::OpenAi => {
+            json!({"error": {"message": message, "type": "mock_error", "code": status.as_u16()}})
+        }
+        Api::Anthropic => {
+            json!({"type": "error", "error": {"type": "api_error", "message": message}})
+        }
     };
     let mut response = (status, axum::Json(body)).into_response();
     if status == StatusCode::TOO_MANY_REQUESTS {
-        response.headers_mut().insert("retry-after", HeaderValue::from_static("1"));
+        response
+            .headers_mut()
+            .insert("retry-after", HeaderValue::from_static("1"));
     }
     response
 }
@@ -135,11 +159,25 @@ fn content_text(content: &Value) -> String {
 /// workflows can branch on it, and otherwise summarises.
 fn reply_to(prompt: &str) -> String {
     let lowered = prompt.to_lowercase();
-    let alarming = ["password", "secret", "api_key", "eval(", "drop table", "critical"];
-    let found: Vec<&str> = alarming.iter().copied().filter(|w| lowered.contains(w)).collect();
+    let alarming = [
+        "password",
+        "secret",
+        "api_key",
+        "eval(",
+        "drop table",
+        "critical",
+    ];
+    let found: Vec<&str> = alarming
+        .iter()
+        .copied()
+        .filter(|w| lowered.contains(w))
+        .collect();
     let lines = prompt.lines().count();
     if found.is_empty() {
-        format!("Reviewed {lines} lines ({} words). No critical issues found.", words(prompt))
+        format!(
+            "Reviewed {lines} lines ({} words). No critical issues found.",
+            words(prompt)
+        )
     } else {
         format!(
             "Reviewed {lines} lines ({} words). CRITICAL: found {}.",
@@ -150,7 +188,10 @@ fn reply_to(prompt: &str) -> String {
 }
 
 fn model_of(body: &Value) -> String {
-    body.get("model").and_then(Value::as_str).unwrap_or("mock").to_owned()
+    body.get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock")
+        .to_owned()
 }
 
 fn id_of(body: &Value, prefix: &str) -> String {
@@ -164,14 +205,21 @@ async fn models() -> axum::Json<Value> {
     ]}))
 }
 
-async fn chat(State(options): State<MockOptions>, headers: HeaderMap, axum::Json(body): axum::Json<Value>) -> Response {
+async fn chat(
+    State(options): State<MockOptions>,
+    headers: HeaderMap,
+    axum::Json(body): axum::Json<Value>,
+) -> Response {
     if let Some(failure) = prelude(&options, &headers, &body, Api::OpenAi).await {
         return failure;
     }
     let Some(messages) = body.get("messages").and_then(Value::as_array) else {
         return error(Api::OpenAi, 400, "'messages' is a required property");
     };
-    let prompt: Vec<String> = messages.iter().map(|m| content_text(&m["content"])).collect();
+    let prompt: Vec<String> = messages
+        .iter()
+        .map(|m| content_text(&m["content"]))
+        .collect();
     let last_user = messages
         .iter()
         .rev()
@@ -191,7 +239,11 @@ async fn chat(State(options): State<MockOptions>, headers: HeaderMap, axum::Json
     .into_response()
 }
 
-async fn completion(State(options): State<MockOptions>, headers: HeaderMap, axum::Json(body): axum::Json<Value>) -> Response {
+async fn completion(
+    State(options): State<MockOptions>,
+    headers: HeaderMap,
+    axum::Json(body): axum::Json<Value>,
+) -> Response {
     if let Some(failure) = prelude(&options, &headers, &body, Api::OpenAi).await {
         return failure;
     }
@@ -211,16 +263,28 @@ async fn completion(State(options): State<MockOptions>, headers: HeaderMap, axum
     .into_response()
 }
 
-async fn embeddings(State(options): State<MockOptions>, headers: HeaderMap, axum::Json(body): axum::Json<Value>) -> Response {
+async fn embeddings(
+    State(options): State<MockOptions>,
+    headers: HeaderMap,
+    axum::Json(body): axum::Json<Value>,
+) -> Response {
     if let Some(failure) = prelude(&options, &headers, &body, Api::OpenAi).await {
         return failure;
     }
     let inputs: Vec<String> = match body.get("input") {
         Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).map(str::to_owned).collect(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect(),
         _ => return error(Api::OpenAi, 400, "'input' is a required property"),
     };
-    let dimensions = body.get("dimensions").and_then(Value::as_u64).unwrap_or(8).clamp(1, 4096) as usize;
+    let dimensions = body
+        .get("dimensions")
+        .and_then(Value::as_u64)
+        .unwrap_or(8)
+        .clamp(1, 4096) as usize;
     let data: Vec<Value> = inputs
         .iter()
         .enumerate()
@@ -247,18 +311,31 @@ fn vector(text: &str, dimensions: usize) -> Vec<f64> {
             (state % 2000) as f64 / 1000.0 - 1.0
         })
         .collect();
-    let norm = raw.iter().map(|x| x * x).sum::<f64>().sqrt().max(f64::EPSILON);
+    let norm = raw
+        .iter()
+        .map(|x| x * x)
+        .sum::<f64>()
+        .sqrt()
+        .max(f64::EPSILON);
     raw.iter().map(|x| (x / norm * 1e6).round() / 1e6).collect()
 }
 
-async fn images(State(options): State<MockOptions>, headers: HeaderMap, axum::Json(body): axum::Json<Value>) -> Response {
+async fn images(
+    State(options): State<MockOptions>,
+    headers: HeaderMap,
+    axum::Json(body): axum::Json<Value>,
+) -> Response {
     if let Some(failure) = prelude(&options, &headers, &body, Api::OpenAi).await {
         return failure;
     }
     let Some(prompt) = body.get("prompt").and_then(Value::as_str) else {
         return error(Api::OpenAi, 400, "'prompt' is a required property");
     };
-    let n = body.get("n").and_then(Value::as_u64).unwrap_or(1).clamp(1, 10);
+    let n = body
+        .get("n")
+        .and_then(Value::as_u64)
+        .unwrap_or(1)
+        .clamp(1, 10);
     let hash = fnv(&[prompt.as_bytes()]);
     let data: Vec<Value> = (0..n)
         .map(|i| json!({"url": format!("http://mock-llm.invalid/images/{hash:016x}-{i}.png"), "revised_prompt": prompt}))
@@ -266,7 +343,11 @@ async fn images(State(options): State<MockOptions>, headers: HeaderMap, axum::Js
     axum::Json(json!({"created": 1_700_000_000, "data": data})).into_response()
 }
 
-async fn messages(State(options): State<MockOptions>, headers: HeaderMap, axum::Json(body): axum::Json<Value>) -> Response {
+async fn messages(
+    State(options): State<MockOptions>,
+    headers: HeaderMap,
+    axum::Json(body): axum::Json<Value>,
+) -> Response {
     if let Some(failure) = prelude(&options, &headers, &body, Api::Anthropic).await {
         return failure;
     }
@@ -276,7 +357,10 @@ async fn messages(State(options): State<MockOptions>, headers: HeaderMap, axum::
     if body.get("max_tokens").and_then(Value::as_u64).is_none() {
         return error(Api::Anthropic, 400, "max_tokens: field required");
     }
-    let mut prompt: Vec<String> = messages.iter().map(|m| content_text(&m["content"])).collect();
+    let mut prompt: Vec<String> = messages
+        .iter()
+        .map(|m| content_text(&m["content"]))
+        .collect();
     if let Some(system) = body.get("system") {
         prompt.push(content_text(system));
     }
@@ -308,7 +392,10 @@ async fn demo_diff() -> &'static str {
 /// Accepts a ticket for the demo and returns its id.
 async fn demo_ticket(axum::Json(body): axum::Json<Value>) -> (StatusCode, axum::Json<Value>) {
     let id = format!("TICKET-{}", fnv(&[body.to_string().as_bytes()]) % 10_000);
-    (StatusCode::CREATED, axum::Json(json!({"id": id, "status": "open"})))
+    (
+        StatusCode::CREATED,
+        axum::Json(json!({"id": id, "status": "open"})),
+    )
 }
 
 #[cfg(test)]

@@ -18,7 +18,14 @@ async fn diamond_runs_each_node_once_in_order() {
     let status = env.wait_run(&event, Duration::from_secs(30)).await;
     assert_eq!(status.run.state, "completed");
     assert_eq!(status.nodes.len(), 5);
-    assert!(status.nodes.iter().all(|n| n.state == "completed" && n.attempt == 1), "{:?}", status.nodes);
+    assert!(
+        status
+            .nodes
+            .iter()
+            .all(|n| n.state == "completed" && n.attempt == 1),
+        "{:?}",
+        status.nodes
+    );
 
     let transitions = env.store.transitions(status.run.id).await.unwrap();
     for node in ["a", "b", "c", "d", "e"] {
@@ -27,7 +34,11 @@ async fn diamond_runs_each_node_once_in_order() {
             .filter(|t| t.node_id.as_deref() == Some(node))
             .map(|t| t.to_state.as_str())
             .collect();
-        assert_eq!(path, ["pending", "queued", "running", "completed"], "node {node}");
+        assert_eq!(
+            path,
+            ["pending", "queued", "running", "completed"],
+            "node {node}"
+        );
     }
     let position = |node: &str, state: &str| {
         transitions
@@ -36,10 +47,17 @@ async fn diamond_runs_each_node_once_in_order() {
             .unwrap()
     };
     for parent in ["b", "c", "d"] {
-        assert!(position(parent, "completed") < position("e", "queued"), "e queued before {parent} completed");
+        assert!(
+            position(parent, "completed") < position("e", "queued"),
+            "e queued before {parent} completed"
+        );
         assert!(position("a", "completed") < position(parent, "queued"));
     }
-    let run_states: Vec<_> = transitions.iter().filter(|t| t.node_id.is_none()).map(|t| t.to_state.as_str()).collect();
+    let run_states: Vec<_> = transitions
+        .iter()
+        .filter(|t| t.node_id.is_none())
+        .map(|t| t.to_state.as_str())
+        .collect();
     assert_eq!(run_states, ["running", "completed"]);
     worker.stop().await;
 }
@@ -62,7 +80,10 @@ async fn transform_nodes_read_input_and_upstream_outputs() {
     let status = env.wait_run(&event, Duration::from_secs(30)).await;
     assert_eq!(status.run.state, "completed");
     let second = status.nodes.iter().find(|n| n.node_id == "second").unwrap();
-    assert_eq!(second.output, Some(json!({"doubled": 42, "text": "n is 21"})));
+    assert_eq!(
+        second.output,
+        Some(json!({"doubled": 42, "text": "n is 21"}))
+    );
     let first = status.nodes.iter().find(|n| n.node_id == "first").unwrap();
     assert_eq!(first.output, Some(json!({"n": 21, "who": "test"})));
     worker.stop().await;
@@ -80,19 +101,29 @@ async fn same_event_twice_starts_one_run_and_filters_apply() {
     }))
     .await;
     let worker = env.start_default_worker();
-    let main = dagq::engine::messages::new_event("git.push", "hook", None, json!({"branch": "main"}));
+    let main =
+        dagq::engine::messages::new_event("git.push", "hook", None, json!({"branch": "main"}));
     let dev = dagq::engine::messages::new_event("git.push", "hook", None, json!({"branch": "dev"}));
     env.publish_event(&dev).await;
     env.publish_event(&main).await;
     env.publish_event(&main).await;
     env.wait_run(&main, Duration::from_secs(30)).await;
     // Publish a marker after the rest and wait for it, so every earlier event was seen.
-    let marker = dagq::engine::messages::new_event("git.push", "hook", None, json!({"branch": "main"}));
+    let marker =
+        dagq::engine::messages::new_event("git.push", "hook", None, json!({"branch": "main"}));
     env.publish_event(&marker).await;
     env.wait_run(&marker, Duration::from_secs(30)).await;
-    assert_eq!(env.count("SELECT count(*) FROM runs").await, 2, "main once and the marker");
     assert_eq!(
-        env.count(&format!("SELECT count(*) FROM runs WHERE event_id = '{}'", dev["id"].as_str().unwrap())).await,
+        env.count("SELECT count(*) FROM runs").await,
+        2,
+        "main once and the marker"
+    );
+    assert_eq!(
+        env.count(&format!(
+            "SELECT count(*) FROM runs WHERE event_id = '{}'",
+            dev["id"].as_str().unwrap()
+        ))
+        .await,
         0
     );
     worker.stop().await;

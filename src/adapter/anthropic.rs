@@ -29,11 +29,16 @@ impl Anthropic {
     }
 
     fn request_body(&self, kind: NodeType, input: &Value) -> Result<Value, AdapterError> {
-        let input = input
-            .as_object()
-            .ok_or_else(|| AdapterError::InvalidInput(format!("{} input must be a JSON object", kind.as_str())))?;
+        let input = input.as_object().ok_or_else(|| {
+            AdapterError::InvalidInput(format!("{} input must be a JSON object", kind.as_str()))
+        })?;
         let mut body: Map<String, Value> = self.profile.params.clone();
-        let mut system: Vec<String> = input.get("system").and_then(Value::as_str).map(str::to_owned).into_iter().collect();
+        let mut system: Vec<String> = input
+            .get("system")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .into_iter()
+            .collect();
         let messages: Vec<Value> = match kind {
             NodeType::Chat => {
                 let messages = input.get("messages").and_then(Value::as_array).filter(|m| !m.is_empty()).ok_or_else(|| {
@@ -43,9 +48,18 @@ impl Anthropic {
                 let mut rest = Vec::new();
                 for message in messages {
                     match message.get("role").and_then(Value::as_str) {
-                        Some("system") => system.extend(message.get("content").and_then(Value::as_str).map(str::to_owned)),
+                        Some("system") => system.extend(
+                            message
+                                .get("content")
+                                .and_then(Value::as_str)
+                                .map(str::to_owned),
+                        ),
                         Some(_) => rest.push(message.clone()),
-                        None => return Err(AdapterError::InvalidInput("every chat message needs a \"role\"".into())),
+                        None => {
+                            return Err(AdapterError::InvalidInput(
+                                "every chat message needs a \"role\"".into(),
+                            ));
+                        }
                     }
                 }
                 rest
@@ -56,17 +70,25 @@ impl Anthropic {
                 })?;
                 vec![json!({"role": "user", "content": prompt})]
             }
-            NodeType::Embedding | NodeType::Image | NodeType::Http | NodeType::Transform | NodeType::Noop => {
+            NodeType::Embedding
+            | NodeType::Image
+            | NodeType::Http
+            | NodeType::Transform
+            | NodeType::Noop => {
                 return Err(AdapterError::Unsupported(format!(
                     "provider anthropic does not serve node type {}",
                     kind.as_str()
                 )));
             }
         };
-        for (k, v) in input.iter().filter(|(k, _)| !matches!(k.as_str(), "messages" | "system" | "prompt")) {
+        for (k, v) in input
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "messages" | "system" | "prompt"))
+        {
             body.insert(k.clone(), v.clone());
         }
-        body.entry("max_tokens").or_insert(json!(DEFAULT_MAX_TOKENS));
+        body.entry("max_tokens")
+            .or_insert(json!(DEFAULT_MAX_TOKENS));
         if !system.is_empty() {
             body.insert("system".into(), Value::String(system.join("\n\n")));
         }
@@ -79,17 +101,22 @@ impl Anthropic {
 }
 
 impl Adapter for Anthropic {
-    async fn call(&self, kind: NodeType, call: &Call<'_>) -> (Exchange, Result<Value, AdapterError>) {
+    async fn call(
+        &self,
+        kind: NodeType,
+        call: &Call<'_>,
+    ) -> (Exchange, Result<Value, AdapterError>) {
         let mut exchange = Exchange::default();
         let body = match self.request_body(kind, &call.input) {
             Ok(body) => body,
             Err(e) => return (exchange, Err(e)),
         };
         exchange.request = body.clone();
-        let mut headers = match http_call::base_headers(Some(&self.profile), &call.idempotency_key()) {
-            Ok(headers) => headers,
-            Err(e) => return (exchange, Err(e)),
-        };
+        let mut headers =
+            match http_call::base_headers(Some(&self.profile), &call.idempotency_key()) {
+                Ok(headers) => headers,
+                Err(e) => return (exchange, Err(e)),
+            };
         headers.insert("anthropic-version", HeaderValue::from_static(API_VERSION));
         match http_call::api_key(&self.profile, call.node.model.as_deref().unwrap_or("?")) {
             Ok(Some(key)) => match HeaderValue::from_str(&key) {
@@ -97,7 +124,14 @@ impl Adapter for Anthropic {
                     value.set_sensitive(true);
                     headers.insert("x-api-key", value);
                 }
-                Err(_) => return (exchange, Err(AdapterError::Config("the API key is not a valid header value".into()))),
+                Err(_) => {
+                    return (
+                        exchange,
+                        Err(AdapterError::Config(
+                            "the API key is not a valid header value".into(),
+                        )),
+                    );
+                }
             },
             Ok(None) => {}
             Err(e) => return (exchange, Err(e)),
@@ -120,7 +154,11 @@ impl Adapter for Anthropic {
             return (exchange, Err(e));
         }
         let body = response.body.unwrap_or(Value::Null);
-        let tokens = |key: &str| body.pointer(&format!("/usage/{key}")).and_then(Value::as_i64).unwrap_or(0);
+        let tokens = |key: &str| {
+            body.pointer(&format!("/usage/{key}"))
+                .and_then(Value::as_i64)
+                .unwrap_or(0)
+        };
         exchange.usage = Usage {
             prompt_tokens: tokens("input_tokens"),
             completion_tokens: tokens("output_tokens"),
@@ -128,7 +166,12 @@ impl Adapter for Anthropic {
         exchange.model = body.get("model").and_then(Value::as_str).map(str::to_owned);
         let Some(blocks) = body.get("content").and_then(Value::as_array) else {
             let text: String = body.to_string().chars().take(300).collect();
-            return (exchange, Err(AdapterError::InvalidResponse(format!("the answer has no content: {text}"))));
+            return (
+                exchange,
+                Err(AdapterError::InvalidResponse(format!(
+                    "the answer has no content: {text}"
+                ))),
+            );
         };
         let text: String = blocks
             .iter()

@@ -73,16 +73,27 @@ pub struct Breakers {
 impl Breakers {
     /// Breakers stored in `store`, with these thresholds.
     pub fn new(store: Store, config: BreakerConfig) -> Self {
-        Breakers { store, config, closed_seen: Arc::default() }
+        Breakers {
+            store,
+            config,
+            closed_seen: Arc::default(),
+        }
     }
 
     fn recently_closed(&self, profile: &str) -> bool {
-        let seen = self.closed_seen.lock().expect("breaker cache lock is never held across a panic");
-        seen.get(profile).is_some_and(|at| at.elapsed() < CLOSED_CACHE)
+        let seen = self
+            .closed_seen
+            .lock()
+            .expect("breaker cache lock is never held across a panic");
+        seen.get(profile)
+            .is_some_and(|at| at.elapsed() < CLOSED_CACHE)
     }
 
     fn remember(&self, profile: &str, closed: bool) {
-        let mut seen = self.closed_seen.lock().expect("breaker cache lock is never held across a panic");
+        let mut seen = self
+            .closed_seen
+            .lock()
+            .expect("breaker cache lock is never held across a panic");
         if closed {
             seen.insert(profile.to_owned(), Instant::now());
         } else {
@@ -140,7 +151,11 @@ impl Breakers {
 
     /// Records a call's outcome; returns the state change it caused, if any. Only
     /// retryable failures count: a bad request says nothing about the provider.
-    pub async fn record(&self, profile: &str, failure: Option<&str>) -> Result<Option<BreakerEvent>, StoreError> {
+    pub async fn record(
+        &self,
+        profile: &str,
+        failure: Option<&str>,
+    ) -> Result<Option<BreakerEvent>, StoreError> {
         match failure {
             None if self.recently_closed(profile) => Ok(None),
             None => self.record_success(profile).await,
@@ -161,12 +176,18 @@ impl Breakers {
             .await?;
         self.remember(profile, true);
         Ok(match row.map(|r| r.get::<_, String>(0)) {
-            Some(old) if old != "closed" => Some(BreakerEvent::Closed { profile: profile.to_owned() }),
+            Some(old) if old != "closed" => Some(BreakerEvent::Closed {
+                profile: profile.to_owned(),
+            }),
             _ => None,
         })
     }
 
-    async fn record_failure(&self, profile: &str, error: &str) -> Result<Option<BreakerEvent>, StoreError> {
+    async fn record_failure(
+        &self,
+        profile: &str,
+        error: &str,
+    ) -> Result<Option<BreakerEvent>, StoreError> {
         self.remember(profile, false);
         let client = self.store.client().await?;
         let threshold = self.config.threshold as i32;
@@ -189,13 +210,16 @@ impl Breakers {
                 &[&profile, &error, &threshold],
             )
             .await?;
-        let (state, failures, old): (String, i32, Option<String>) = (row.get(0), row.get(1), row.get(2));
+        let (state, failures, old): (String, i32, Option<String>) =
+            (row.get(0), row.get(1), row.get(2));
         let was_open = old.as_deref() == Some("open");
-        Ok((state == "open" && !was_open).then(|| BreakerEvent::Opened {
-            profile: profile.to_owned(),
-            error: error.to_owned(),
-            failures,
-        }))
+        Ok(
+            (state == "open" && !was_open).then(|| BreakerEvent::Opened {
+                profile: profile.to_owned(),
+                error: error.to_owned(),
+                failures,
+            }),
+        )
     }
 
     /// Every breaker's state.

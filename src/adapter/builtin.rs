@@ -10,7 +10,11 @@ use crate::workflow::NodeType;
 pub struct Noop;
 
 impl Adapter for Noop {
-    async fn call(&self, _kind: NodeType, _call: &Call<'_>) -> (Exchange, Result<Value, AdapterError>) {
+    async fn call(
+        &self,
+        _kind: NodeType,
+        _call: &Call<'_>,
+    ) -> (Exchange, Result<Value, AdapterError>) {
         (Exchange::default(), Ok(Value::Object(Default::default())))
     }
 }
@@ -20,7 +24,11 @@ impl Adapter for Noop {
 pub struct Transform;
 
 impl Adapter for Transform {
-    async fn call(&self, _kind: NodeType, call: &Call<'_>) -> (Exchange, Result<Value, AdapterError>) {
+    async fn call(
+        &self,
+        _kind: NodeType,
+        call: &Call<'_>,
+    ) -> (Exchange, Result<Value, AdapterError>) {
         (Exchange::default(), Ok(call.input.clone()))
     }
 }

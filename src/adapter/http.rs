@@ -33,10 +33,21 @@ impl HttpAdapter {
             .get("url")
             .and_then(Value::as_str)
             .filter(|u| !u.is_empty())
-            .ok_or_else(|| AdapterError::InvalidInput("http input needs \"url\": a string".into()))?;
-        let url = match (&self.profile, url.starts_with("http://") || url.starts_with("https://")) {
+            .ok_or_else(|| {
+                AdapterError::InvalidInput("http input needs \"url\": a string".into())
+            })?;
+        let url = match (
+            &self.profile,
+            url.starts_with("http://") || url.starts_with("https://"),
+        ) {
             (_, true) => url.to_owned(),
-            (Some(ModelProfile { base_url: Some(base), .. }), false) => http_call::join_url(base, url),
+            (
+                Some(ModelProfile {
+                    base_url: Some(base),
+                    ..
+                }),
+                false,
+            ) => http_call::join_url(base, url),
             (_, false) => {
                 return Err(AdapterError::InvalidInput(format!(
                     "http url {url:?} must start with http:// or https:// (or set base_url on the profile)"
@@ -45,30 +56,34 @@ impl HttpAdapter {
         };
         let body = input.get("body").cloned();
         let method = match input.get("method").and_then(Value::as_str) {
-            Some(m) => Method::from_bytes(m.to_ascii_uppercase().as_bytes())
-                .map_err(|_| AdapterError::InvalidInput(format!("http method {m:?} is not valid")))?,
+            Some(m) => Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|_| {
+                AdapterError::InvalidInput(format!("http method {m:?} is not valid"))
+            })?,
             None if body.is_some() => Method::POST,
             None => Method::GET,
         };
         let mut headers = http_call::base_headers(self.profile.as_ref(), &call.idempotency_key())?;
         if let Some(extra) = input.get("headers") {
-            let extra = extra
-                .as_object()
-                .ok_or_else(|| AdapterError::InvalidInput("http \"headers\" must be an object of strings".into()))?;
+            let extra = extra.as_object().ok_or_else(|| {
+                AdapterError::InvalidInput("http \"headers\" must be an object of strings".into())
+            })?;
             for (name, value) in extra {
-                let value = value
-                    .as_str()
-                    .ok_or_else(|| AdapterError::InvalidInput(format!("http header {name} must be a string")))?;
+                let value = value.as_str().ok_or_else(|| {
+                    AdapterError::InvalidInput(format!("http header {name} must be a string"))
+                })?;
                 http_call::insert_header(&mut headers, name, value)?;
             }
         }
         let key = match &self.profile {
-            Some(profile) => http_call::api_key(profile, call.node.model.as_deref().unwrap_or("?"))?,
+            Some(profile) => {
+                http_call::api_key(profile, call.node.model.as_deref().unwrap_or("?"))?
+            }
             None => None,
         };
         if let Some(key) = key {
-            let mut value = HeaderValue::from_str(&format!("Bearer {key}"))
-                .map_err(|_| AdapterError::Config("the API key is not a valid header value".into()))?;
+            let mut value = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
+                AdapterError::Config("the API key is not a valid header value".into())
+            })?;
             value.set_sensitive(true);
             headers.insert(AUTHORIZATION, value);
         }
@@ -83,22 +98,33 @@ impl HttpAdapter {
 }
 
 impl Adapter for HttpAdapter {
-    async fn call(&self, kind: NodeType, call: &Call<'_>) -> (Exchange, Result<Value, AdapterError>) {
+    async fn call(
+        &self,
+        kind: NodeType,
+        call: &Call<'_>,
+    ) -> (Exchange, Result<Value, AdapterError>) {
         let mut exchange = Exchange::default();
         if kind != NodeType::Http {
-            return (exchange, Err(AdapterError::Unsupported(format!("provider http does not serve node type {}", kind.as_str()))));
+            return (
+                exchange,
+                Err(AdapterError::Unsupported(format!(
+                    "provider http does not serve node type {}",
+                    kind.as_str()
+                ))),
+            );
         }
         let request = match self.request(call) {
             Ok(request) => request,
             Err(e) => return (exchange, Err(e)),
         };
-        exchange.request = json!({"method": request.method.as_str(), "url": request.url, "body": request.body});
+        exchange.request =
+            json!({"method": request.method.as_str(), "url": request.url, "body": request.body});
         let response = http_call::send(&self.client, request).await;
         exchange.http_status = response.status;
         exchange.response = response.body.clone();
-        let output = response.result.map(|()| {
-            json!({"status": response.status, "body": response.body.unwrap_or(Value::Null)})
-        });
+        let output = response.result.map(
+            |()| json!({"status": response.status, "body": response.body.unwrap_or(Value::Null)}),
+        );
         (exchange, output)
     }
 }

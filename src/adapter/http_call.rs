@@ -144,12 +144,16 @@ pub(super) fn parse_retry_after(value: &str) -> Option<Duration> {
 
 /// Headers every provider call carries: JSON, the idempotency key and the profile's
 /// extra headers. Credentials are added by the provider, never logged.
-pub(super) fn base_headers(profile: Option<&ModelProfile>, idempotency_key: &str) -> Result<HeaderMap, AdapterError> {
+pub(super) fn base_headers(
+    profile: Option<&ModelProfile>,
+    idempotency_key: &str,
+) -> Result<HeaderMap, AdapterError> {
     let mut headers = HeaderMap::new();
     headers.insert("content-type", HeaderValue::from_static("application/json"));
     headers.insert(
         "idempotency-key",
-        HeaderValue::from_str(idempotency_key).map_err(|e| AdapterError::InvalidInput(e.to_string()))?,
+        HeaderValue::from_str(idempotency_key)
+            .map_err(|e| AdapterError::InvalidInput(e.to_string()))?,
     );
     if let Some(profile) = profile {
         for (name, value) in &profile.headers {
@@ -160,17 +164,25 @@ pub(super) fn base_headers(profile: Option<&ModelProfile>, idempotency_key: &str
 }
 
 /// Adds one header, naming it when it is not valid.
-pub(super) fn insert_header(headers: &mut HeaderMap, name: &str, value: &str) -> Result<(), AdapterError> {
+pub(super) fn insert_header(
+    headers: &mut HeaderMap,
+    name: &str,
+    value: &str,
+) -> Result<(), AdapterError> {
     let header = HeaderName::from_bytes(name.as_bytes())
         .map_err(|_| AdapterError::InvalidInput(format!("header name {name:?} is not valid")))?;
-    let value = HeaderValue::from_str(value)
-        .map_err(|_| AdapterError::InvalidInput(format!("header {name} has a value that is not valid")))?;
+    let value = HeaderValue::from_str(value).map_err(|_| {
+        AdapterError::InvalidInput(format!("header {name} has a value that is not valid"))
+    })?;
     headers.insert(header, value);
     Ok(())
 }
 
 /// The API key named by the profile's `api_key_env`, if it names one.
-pub(super) fn api_key(profile: &ModelProfile, profile_label: &str) -> Result<Option<String>, AdapterError> {
+pub(super) fn api_key(
+    profile: &ModelProfile,
+    profile_label: &str,
+) -> Result<Option<String>, AdapterError> {
     let Some(var) = &profile.api_key_env else {
         return Ok(None);
     };
@@ -184,7 +196,11 @@ pub(super) fn api_key(profile: &ModelProfile, profile_label: &str) -> Result<Opt
 
 /// `base` and `path` joined with exactly one slash.
 pub(super) fn join_url(base: &str, path: &str) -> String {
-    format!("{}/{}", base.trim_end_matches('/'), path.trim_start_matches('/'))
+    format!(
+        "{}/{}",
+        base.trim_end_matches('/'),
+        path.trim_start_matches('/')
+    )
 }
 
 #[cfg(test)]
@@ -194,16 +210,23 @@ mod tests {
     #[test]
     fn retry_after_accepts_seconds_and_dates() {
         assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
-        assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT"), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(Duration::ZERO)
+        );
         assert_eq!(parse_retry_after("soon"), None);
     }
 
     #[test]
     fn provider_error_messages_are_kept() {
-        let openai = serde_json::json!({"error": {"message": "Rate limit reached", "type": "requests"}});
+        let openai =
+            serde_json::json!({"error": {"message": "Rate limit reached", "type": "requests"}});
         assert_eq!(error_message(&openai), "Rate limit reached");
         let anthropic = serde_json::json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}});
         assert_eq!(error_message(&anthropic), "Overloaded");
-        assert_eq!(error_message(&Value::String("bad gateway".into())), "bad gateway");
+        assert_eq!(
+            error_message(&Value::String("bad gateway".into())),
+            "bad gateway"
+        );
     }
 }

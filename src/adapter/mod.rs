@@ -56,7 +56,10 @@ pub enum AdapterError {
     InvalidResponse(String),
     /// The profile's circuit breaker is open (and no fallback could take the call).
     #[error("circuit breaker of profile \"{profile}\" is open")]
-    BreakerOpen { profile: String, retry_after: Duration },
+    BreakerOpen {
+        profile: String,
+        retry_after: Duration,
+    },
 }
 
 impl AdapterError {
@@ -64,7 +67,9 @@ impl AdapterError {
     /// fails the same way again.
     pub fn is_retryable(&self) -> bool {
         match self {
-            AdapterError::Connect { .. } | AdapterError::Timeout(_) | AdapterError::BreakerOpen { .. } => true,
+            AdapterError::Connect { .. }
+            | AdapterError::Timeout(_)
+            | AdapterError::BreakerOpen { .. } => true,
             AdapterError::Status { status, .. } => {
                 matches!(status, 408 | 429) || (500..600).contains(status)
             }
@@ -125,7 +130,9 @@ impl Call<'_> {
     /// node's deadline is nearer.
     pub fn time_left(&self, cap: Duration) -> Duration {
         match self.deadline {
-            Some(deadline) => cap.min(deadline.saturating_duration_since(Instant::now())).max(Duration::from_millis(1)),
+            Some(deadline) => cap
+                .min(deadline.saturating_duration_since(Instant::now()))
+                .max(Duration::from_millis(1)),
             None => cap,
         }
     }
@@ -228,7 +235,11 @@ pub enum AdapterKind {
 }
 
 impl AdapterKind {
-    async fn call(&self, kind: NodeType, call: &Call<'_>) -> (Exchange, Result<Value, AdapterError>) {
+    async fn call(
+        &self,
+        kind: NodeType,
+        call: &Call<'_>,
+    ) -> (Exchange, Result<Value, AdapterError>) {
         match self {
             AdapterKind::Noop(a) => a.call(kind, call).await,
             AdapterKind::Transform(a) => a.call(kind, call).await,
@@ -269,13 +280,23 @@ impl Registry {
             .iter()
             .map(|(name, profile)| {
                 let adapter = match profile.provider {
-                    Provider::Openai => AdapterKind::OpenAi(OpenAi::new(client.clone(), profile.clone())),
+                    Provider::Openai => {
+                        AdapterKind::OpenAi(OpenAi::new(client.clone(), profile.clone()))
+                    }
                     Provider::Anthropic => {
                         AdapterKind::Anthropic(Anthropic::new(client.clone(), profile.clone()))
                     }
-                    Provider::Http => AdapterKind::Http(HttpAdapter::new(client.clone(), Some(profile.clone()))),
+                    Provider::Http => {
+                        AdapterKind::Http(HttpAdapter::new(client.clone(), Some(profile.clone())))
+                    }
                 };
-                (name.clone(), Profile { config: profile.clone(), adapter })
+                (
+                    name.clone(),
+                    Profile {
+                        config: profile.clone(),
+                        adapter,
+                    },
+                )
             })
             .collect();
         Registry {
@@ -316,7 +337,11 @@ impl Registry {
                 let started = Instant::now();
                 let (exchange, result) = self.plain_http.call(node.kind, call).await;
                 let record = record("-", "http", None, None, started, exchange, &result);
-                return Outcome { result, calls: vec![record], breaker_events: Vec::new() };
+                return Outcome {
+                    result,
+                    calls: vec![record],
+                    breaker_events: Vec::new(),
+                };
             }
             _ => {}
         }
@@ -346,7 +371,10 @@ impl Registry {
                 continue;
             }
             if let Some(retry_after) = self.breaker_blocks(name).await {
-                last = Some(AdapterError::BreakerOpen { profile: name.clone(), retry_after });
+                last = Some(AdapterError::BreakerOpen {
+                    profile: name.clone(),
+                    retry_after,
+                });
                 continue;
             }
             let started = Instant::now();
@@ -362,7 +390,13 @@ impl Registry {
                 &result,
             ));
             match result {
-                Ok(output) => return Outcome { result: Ok(output), calls, breaker_events },
+                Ok(output) => {
+                    return Outcome {
+                        result: Ok(output),
+                        calls,
+                        breaker_events,
+                    };
+                }
                 Err(e) if e.is_retryable() => {
                     tracing::warn!(run = %call.run_id, node = %node.id, profile = %name, error = %e,
                         "model call failed; trying the next fallback if any");
@@ -380,7 +414,11 @@ impl Registry {
                 node.kind.as_str()
             ))
         });
-        Outcome { result: Err(error), calls, breaker_events }
+        Outcome {
+            result: Err(error),
+            calls,
+            breaker_events,
+        }
     }
 
     /// `Some(wait)` when the profile's breaker is open. A breaker that cannot be read
@@ -397,7 +435,11 @@ impl Registry {
         }
     }
 
-    async fn breaker_record(&self, profile: &str, result: &Result<Value, AdapterError>) -> Option<BreakerEvent> {
+    async fn breaker_record(
+        &self,
+        profile: &str,
+        result: &Result<Value, AdapterError>,
+    ) -> Option<BreakerEvent> {
         let breakers = self.breakers.as_ref()?;
         let failure = match result {
             Ok(_) => None,
@@ -416,7 +458,11 @@ impl Registry {
 }
 
 fn plain(result: Result<Value, AdapterError>) -> Outcome {
-    Outcome { result, calls: Vec::new(), breaker_events: Vec::new() }
+    Outcome {
+        result,
+        calls: Vec::new(),
+        breaker_events: Vec::new(),
+    }
 }
 
 fn record(
@@ -429,13 +475,15 @@ fn record(
     result: &Result<Value, AdapterError>,
 ) -> ModelCall {
     let usage = exchange.usage;
-    let cost = config.and_then(|c| match (c.price_per_1k_prompt, c.price_per_1k_completion) {
-        (None, None) => None,
-        (p, c) => Some(
-            p.unwrap_or(0.0) * usage.prompt_tokens as f64 / 1000.0
-                + c.unwrap_or(0.0) * usage.completion_tokens as f64 / 1000.0,
-        ),
-    });
+    let cost = config.and_then(
+        |c| match (c.price_per_1k_prompt, c.price_per_1k_completion) {
+            (None, None) => None,
+            (p, c) => Some(
+                p.unwrap_or(0.0) * usage.prompt_tokens as f64 / 1000.0
+                    + c.unwrap_or(0.0) * usage.completion_tokens as f64 / 1000.0,
+            ),
+        },
+    );
     ModelCall {
         profile: profile.to_owned(),
         provider,
@@ -460,7 +508,11 @@ mod tests {
 
     #[test]
     fn classification_follows_http_semantics() {
-        let status = |s| AdapterError::Status { status: s, message: String::new(), retry_after: None };
+        let status = |s| AdapterError::Status {
+            status: s,
+            message: String::new(),
+            retry_after: None,
+        };
         for retryable in [408, 429, 500, 502, 503, 504] {
             assert!(status(retryable).is_retryable(), "{retryable}");
         }

@@ -24,10 +24,14 @@ impl OpenAi {
         OpenAi { client, profile }
     }
 
-    fn request_body(&self, kind: NodeType, input: &Value) -> Result<(&'static str, Value), AdapterError> {
-        let input = input
-            .as_object()
-            .ok_or_else(|| AdapterError::InvalidInput(format!("{} input must be a JSON object", kind.as_str())))?;
+    fn request_body(
+        &self,
+        kind: NodeType,
+        input: &Value,
+    ) -> Result<(&'static str, Value), AdapterError> {
+        let input = input.as_object().ok_or_else(|| {
+            AdapterError::InvalidInput(format!("{} input must be a JSON object", kind.as_str()))
+        })?;
         // Profile defaults first, then the node's own parameters, then the model.
         let mut body: Map<String, Value> = self.profile.params.clone();
         let path = match kind {
@@ -37,7 +41,10 @@ impl OpenAi {
                     messages.push(json!({"role": "system", "content": system}));
                 }
                 messages.extend(chat_messages(input)?.iter().cloned());
-                for (k, v) in input.iter().filter(|(k, _)| !matches!(k.as_str(), "messages" | "system")) {
+                for (k, v) in input
+                    .iter()
+                    .filter(|(k, _)| !matches!(k.as_str(), "messages" | "system"))
+                {
                     body.insert(k.clone(), v.clone());
                 }
                 body.insert("messages".into(), Value::Array(messages));
@@ -81,24 +88,36 @@ impl OpenAi {
 }
 
 impl Adapter for OpenAi {
-    async fn call(&self, kind: NodeType, call: &Call<'_>) -> (Exchange, Result<Value, AdapterError>) {
+    async fn call(
+        &self,
+        kind: NodeType,
+        call: &Call<'_>,
+    ) -> (Exchange, Result<Value, AdapterError>) {
         let mut exchange = Exchange::default();
         let (path, body) = match self.request_body(kind, &call.input) {
             Ok(built) => built,
             Err(e) => return (exchange, Err(e)),
         };
         exchange.request = body.clone();
-        let mut headers = match http_call::base_headers(Some(&self.profile), &call.idempotency_key()) {
-            Ok(headers) => headers,
-            Err(e) => return (exchange, Err(e)),
-        };
+        let mut headers =
+            match http_call::base_headers(Some(&self.profile), &call.idempotency_key()) {
+                Ok(headers) => headers,
+                Err(e) => return (exchange, Err(e)),
+            };
         match http_call::api_key(&self.profile, call.node.model.as_deref().unwrap_or("?")) {
             Ok(Some(key)) => match HeaderValue::from_str(&format!("Bearer {key}")) {
                 Ok(mut value) => {
                     value.set_sensitive(true);
                     headers.insert(AUTHORIZATION, value);
                 }
-                Err(_) => return (exchange, Err(AdapterError::Config("the API key is not a valid header value".into()))),
+                Err(_) => {
+                    return (
+                        exchange,
+                        Err(AdapterError::Config(
+                            "the API key is not a valid header value".into(),
+                        )),
+                    );
+                }
             },
             Ok(None) => {}
             Err(e) => return (exchange, Err(e)),
@@ -134,23 +153,36 @@ fn chat_messages(input: &Map<String, Value>) -> Result<&Vec<Value>, AdapterError
             "chat input needs \"messages\": [{\"role\": \"user\", \"content\": \"…\"}, …]".into(),
         )
     };
-    let messages = input.get("messages").and_then(Value::as_array).ok_or_else(invalid)?;
+    let messages = input
+        .get("messages")
+        .and_then(Value::as_array)
+        .ok_or_else(invalid)?;
     let well_formed = !messages.is_empty()
         && messages
             .iter()
             .all(|m| m.get("role").is_some_and(Value::is_string) && m.get("content").is_some());
-    if well_formed { Ok(messages) } else { Err(invalid()) }
+    if well_formed {
+        Ok(messages)
+    } else {
+        Err(invalid())
+    }
 }
 
 fn require_string(input: &Map<String, Value>, key: &str, kind: &str) -> Result<(), AdapterError> {
     match input.get(key) {
         Some(Value::String(_)) => Ok(()),
-        _ => Err(AdapterError::InvalidInput(format!("{kind} input needs \"{key}\": a string"))),
+        _ => Err(AdapterError::InvalidInput(format!(
+            "{kind} input needs \"{key}\": a string"
+        ))),
     }
 }
 
 fn usage(body: &Value) -> Usage {
-    let tokens = |key: &str| body.pointer(&format!("/usage/{key}")).and_then(Value::as_i64).unwrap_or(0);
+    let tokens = |key: &str| {
+        body.pointer(&format!("/usage/{key}"))
+            .and_then(Value::as_i64)
+            .unwrap_or(0)
+    };
     Usage {
         prompt_tokens: tokens("prompt_tokens"),
         completion_tokens: tokens("completion_tokens"),
@@ -159,11 +191,16 @@ fn usage(body: &Value) -> Usage {
 
 /// Maps the provider's answer onto the node output of DESIGN §6.
 fn parse_output(kind: NodeType, body: &Value, usage: Usage) -> Result<Value, AdapterError> {
-    let missing = |what: &str| AdapterError::InvalidResponse(format!("the answer has no {what}: {}", truncate(body)));
-    let usage_json = json!({"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens});
+    let missing = |what: &str| {
+        AdapterError::InvalidResponse(format!("the answer has no {what}: {}", truncate(body)))
+    };
+    let usage_json =
+        json!({"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens});
     match kind {
         NodeType::Chat | NodeType::Completion => {
-            let choice = body.pointer("/choices/0").ok_or_else(|| missing("choices[0]"))?;
+            let choice = body
+                .pointer("/choices/0")
+                .ok_or_else(|| missing("choices[0]"))?;
             let text = if kind == NodeType::Chat {
                 choice.pointer("/message/content")
             } else {
@@ -171,7 +208,10 @@ fn parse_output(kind: NodeType, body: &Value, usage: Usage) -> Result<Value, Ada
             };
             let text = match text {
                 Some(Value::String(s)) => s.clone(),
-                Some(Value::Null) | None if kind == NodeType::Chat && choice.pointer("/message/tool_calls").is_some() => {
+                Some(Value::Null) | None
+                    if kind == NodeType::Chat
+                        && choice.pointer("/message/tool_calls").is_some() =>
+                {
                     String::new()
                 }
                 _ => return Err(missing("text in choices[0]")),
@@ -184,15 +224,27 @@ fn parse_output(kind: NodeType, body: &Value, usage: Usage) -> Result<Value, Ada
             }))
         }
         NodeType::Embedding => {
-            let data = body.get("data").and_then(Value::as_array).ok_or_else(|| missing("data"))?;
+            let data = body
+                .get("data")
+                .and_then(Value::as_array)
+                .ok_or_else(|| missing("data"))?;
             let embeddings = data
                 .iter()
-                .map(|d| d.get("embedding").cloned().ok_or_else(|| missing("data[].embedding")))
+                .map(|d| {
+                    d.get("embedding")
+                        .cloned()
+                        .ok_or_else(|| missing("data[].embedding"))
+                })
                 .collect::<Result<Vec<_>, _>>()?;
-            Ok(json!({"embeddings": embeddings, "model": body.get("model").cloned().unwrap_or(Value::Null), "usage": usage_json}))
+            Ok(
+                json!({"embeddings": embeddings, "model": body.get("model").cloned().unwrap_or(Value::Null), "usage": usage_json}),
+            )
         }
         NodeType::Image => {
-            let data = body.get("data").and_then(Value::as_array).ok_or_else(|| missing("data"))?;
+            let data = body
+                .get("data")
+                .and_then(Value::as_array)
+                .ok_or_else(|| missing("data"))?;
             let images: Vec<Value> = data
                 .iter()
                 .map(|d| {
@@ -207,7 +259,9 @@ fn parse_output(kind: NodeType, body: &Value, usage: Usage) -> Result<Value, Ada
                 .collect();
             Ok(json!({"images": images}))
         }
-        NodeType::Http | NodeType::Transform | NodeType::Noop => Err(AdapterError::Unsupported(kind.as_str().into())),
+        NodeType::Http | NodeType::Transform | NodeType::Noop => {
+            Err(AdapterError::Unsupported(kind.as_str().into()))
+        }
     }
 }
 

@@ -47,9 +47,13 @@ pub struct AdapterReport {
 /// Runs both passes against an in-process mock.
 pub async fn bench_adapter(bench: &AdapterBench) -> Result<AdapterReport, BenchError> {
     let shutdown = CancellationToken::new();
-    let mock = mock_llm::serve("127.0.0.1:0".parse().expect("constant address"), MockOptions::default(), shutdown.clone())
-        .await
-        .map_err(|e| BenchError::Setup(format!("cannot start the mock model: {e}")))?;
+    let mock = mock_llm::serve(
+        "127.0.0.1:0".parse().expect("constant address"),
+        MockOptions::default(),
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|e| BenchError::Setup(format!("cannot start the mock model: {e}")))?;
     let config = FileConfig::parse(&format!(
         "[models.bench]\nprovider = \"openai\"\nbase_url = \"http://{mock}/v1\"\nmodel = \"mock\"\n"
     ))
@@ -62,18 +66,29 @@ pub async fn bench_adapter(bench: &AdapterBench) -> Result<AdapterReport, BenchE
         }))
         .expect("constant node"),
     );
-    let direct_client = reqwest::Client::builder().tcp_nodelay(true).build().expect("default client builds");
+    let direct_client = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .build()
+        .expect("default client builds");
     let url = format!("http://{mock}/v1/chat/completions");
     let direct_body = json!({"model": "mock", "messages": [{"role": "user", "content": "Review src/main.rs please"}]});
 
     // Warm both paths (connections, allocator, caches) before either is measured.
-    let warm_up = AdapterBench { rate: bench.rate, seconds: 1 };
+    let warm_up = AdapterBench {
+        rate: bench.rate,
+        seconds: 1,
+    };
     let direct_request = {
         let (client, url, body) = (direct_client.clone(), url.clone(), direct_body.clone());
         move |_: u64| {
             let (client, url, body) = (client.clone(), url.clone(), body.clone());
             async move {
-                let response = client.post(&url).json(&body).send().await.map_err(|e| e.to_string())?;
+                let response = client
+                    .post(&url)
+                    .json(&body)
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
                 let _: serde_json::Value = response.json().await.map_err(|e| e.to_string())?;
                 Ok(())
             }
@@ -87,8 +102,15 @@ pub async fn bench_adapter(bench: &AdapterBench) -> Result<AdapterReport, BenchE
             let (registry, node) = (registry.clone(), node.clone());
             async move {
                 let context = template::context(&json!({"input": {"file": "src/main.rs"}}));
-                let input = template::render_value(&node.input, &context).map_err(|e| e.to_string())?;
-                let call = Call { run_id: uuid::Uuid::now_v7(), node: &node, attempt: i as i32 + 1, input, deadline: None };
+                let input =
+                    template::render_value(&node.input, &context).map_err(|e| e.to_string())?;
+                let call = Call {
+                    run_id: uuid::Uuid::now_v7(),
+                    node: &node,
+                    attempt: i as i32 + 1,
+                    input,
+                    deadline: None,
+                };
                 let outcome = registry.run(&call).await;
                 outcome.result.map(|_| ()).map_err(|e| e.to_string())
             }
@@ -135,7 +157,10 @@ where
     while tasks.join_next().await.is_some() {}
     let errors = errors.lock().await;
     if let Some(first) = errors.first() {
-        return Err(BenchError::Setup(format!("{} of {total} requests failed, e.g.: {first}", errors.len())));
+        return Err(BenchError::Setup(format!(
+            "{} of {total} requests failed, e.g.: {first}",
+            errors.len()
+        )));
     }
     let latencies = std::mem::replace(&mut *latencies.lock().await, Latencies::new());
     Ok(latencies)

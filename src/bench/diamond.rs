@@ -67,7 +67,8 @@ fn diamond(kind: &str) -> serde_json::Value {
         let mut n = json!({"id": id, "type": kind, "depends": depends});
         if kind == "chat" {
             n["model"] = json!("bench");
-            n["input"] = json!({"messages": [{"role": "user", "content": "benchmark {{ run.id }}"}]});
+            n["input"] =
+                json!({"messages": [{"role": "user", "content": "benchmark {{ run.id }}"}]});
         }
         n
     };
@@ -77,33 +78,54 @@ fn diamond(kind: &str) -> serde_json::Value {
 }
 
 /// Sets up the namespace, the workflow, the mock (for chat) and the workers.
-async fn prepare(base: &Settings, bench: &DiamondBench, shutdown: &CancellationToken) -> Result<(BenchEnv, Vec<String>), BenchError> {
+async fn prepare(
+    base: &Settings,
+    bench: &DiamondBench,
+    shutdown: &CancellationToken,
+) -> Result<(BenchEnv, Vec<String>), BenchError> {
     let mut env = BenchEnv::create(base).await?;
     let (kind, config) = match bench.task_latency_ms {
         None => ("noop", String::new()),
         Some(ms) => {
             let mock = mock_llm::serve(
                 "127.0.0.1:0".parse().expect("constant address"),
-                MockOptions { latency: Duration::from_millis(ms), ..MockOptions::default() },
+                MockOptions {
+                    latency: Duration::from_millis(ms),
+                    ..MockOptions::default()
+                },
                 shutdown.clone(),
             )
             .await
             .map_err(|e| BenchError::Setup(format!("cannot start the mock model: {e}")))?;
-            ("chat", format!("[models.bench]\nprovider = \"openai\"\nbase_url = \"http://{mock}/v1\"\nmodel = \"mock\"\n"))
+            (
+                "chat",
+                format!(
+                    "[models.bench]\nprovider = \"openai\"\nbase_url = \"http://{mock}/v1\"\nmodel = \"mock\"\n"
+                ),
+            )
         }
     };
     let config_path = std::env::temp_dir().join(format!("{}.toml", env.settings.namespace));
-    std::fs::write(&config_path, &config).map_err(|e| BenchError::Setup(format!("cannot write {config_path:?}: {e}")))?;
-    env.settings.file = crate::config::FileConfig::parse(&config).map_err(|e| BenchError::Setup(e.to_string()))?;
+    std::fs::write(&config_path, &config)
+        .map_err(|e| BenchError::Setup(format!("cannot write {config_path:?}: {e}")))?;
+    env.settings.file =
+        crate::config::FileConfig::parse(&config).map_err(|e| BenchError::Setup(e.to_string()))?;
     let workflow = Workflow::from_json(&diamond(kind), Some(&env.settings.file.models))
         .map_err(|e| BenchError::Setup(e.to_string()))?;
     env.store.apply_workflow(&workflow).await?;
-    env.start_workers(bench.workers, bench.concurrency, &config_path.to_string_lossy())?;
+    env.start_workers(
+        bench.workers,
+        bench.concurrency,
+        &config_path.to_string_lossy(),
+    )?;
     Ok((env, workflow.queues().into_iter().collect()))
 }
 
 /// Runs the throughput benchmark and returns its report.
-pub async fn bench_diamond(base: &Settings, bench: &DiamondBench) -> Result<DiamondReport, BenchError> {
+pub async fn bench_diamond(
+    base: &Settings,
+    bench: &DiamondBench,
+) -> Result<DiamondReport, BenchError> {
     let shutdown = CancellationToken::new();
     let (env, queues) = prepare(base, bench, &shutdown).await?;
     let result = flood(&env, bench).await;
@@ -119,7 +141,12 @@ async fn flood(env: &BenchEnv, bench: &DiamondBench) -> Result<DiamondReport, Be
     let started = Instant::now();
     let mut publishes = futures::stream::iter(0..bench.runs)
         .map(|_| {
-            let event = new_event(RUN_REQUESTED, "bench", None, json!({"workflow": "bench-diamond"}));
+            let event = new_event(
+                RUN_REQUESTED,
+                "bench",
+                None,
+                json!({"workflow": "bench-diamond"}),
+            );
             let body = serde_json::to_vec(&event).expect("JSON always serializes");
             let publisher = &publisher;
             async move { publisher.publish_event(RUN_REQUESTED, &body, 0).await }
@@ -142,16 +169,24 @@ async fn flood(env: &BenchEnv, bench: &DiamondBench) -> Result<DiamondReport, Be
             break;
         }
         if Instant::now() > deadline {
-            return Err(BenchError::Setup(format!("only {done} of {} runs finished in time", bench.runs)));
+            return Err(BenchError::Setup(format!(
+                "only {done} of {} runs finished in time",
+                bench.runs
+            )));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let seconds = started.elapsed().as_secs_f64();
     progress.finish();
     let usage = env.worker_usage();
-    let failed: i64 = client.query_one("SELECT count(*) FROM runs WHERE state <> 'completed'", &[]).await?.get(0);
+    let failed: i64 = client
+        .query_one("SELECT count(*) FROM runs WHERE state <> 'completed'", &[])
+        .await?
+        .get(0);
     if failed > 0 {
-        return Err(BenchError::Setup(format!("{failed} runs did not complete; see the worker logs (DAGQ_BENCH_WORKER_LOG=info)")));
+        return Err(BenchError::Setup(format!(
+            "{failed} runs did not complete; see the worker logs (DAGQ_BENCH_WORKER_LOG=info)"
+        )));
     }
     let latencies = run_latencies(env).await?;
     let _ = connection.close(200, "done".into()).await;
@@ -179,7 +214,10 @@ async fn wait_for_consumers(env: &BenchEnv) -> Result<(), BenchError> {
         let declared = channel
             .queue_declare(
                 queue.as_str().into(),
-                lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
                 Default::default(),
             )
             .await;
@@ -187,7 +225,9 @@ async fn wait_for_consumers(env: &BenchEnv) -> Result<(), BenchError> {
             break;
         }
         if Instant::now() > deadline {
-            return Err(BenchError::Setup("the workers did not start within 60 s".into()));
+            return Err(BenchError::Setup(
+                "the workers did not start within 60 s".into(),
+            ));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -215,7 +255,12 @@ async fn run_latencies(env: &BenchEnv) -> Result<Latencies, BenchError> {
 /// end-to-end latency percentiles (event published → run completed in Postgres).
 pub async fn bench_latency(base: &Settings, runs: u64) -> Result<Percentiles, BenchError> {
     let shutdown = CancellationToken::new();
-    let bench = DiamondBench { runs, workers: 1, concurrency: 64, task_latency_ms: None };
+    let bench = DiamondBench {
+        runs,
+        workers: 1,
+        concurrency: 64,
+        task_latency_ms: None,
+    };
     let (env, queues) = prepare(base, &bench, &shutdown).await?;
     let result = one_by_one(&env, runs).await;
     env.cleanup(&queues).await;
@@ -234,7 +279,12 @@ async fn one_by_one(env: &BenchEnv, runs: u64) -> Result<Percentiles, BenchError
     let mut latencies = Latencies::new();
     let mut progress = Progress::new("runs completed", runs);
     for i in 0..runs {
-        let event = new_event(RUN_REQUESTED, "bench", None, json!({"workflow": "bench-diamond"}));
+        let event = new_event(
+            RUN_REQUESTED,
+            "bench",
+            None,
+            json!({"workflow": "bench-diamond"}),
+        );
         let id = event["id"].as_str().unwrap_or_default().to_owned();
         let body = serde_json::to_vec(&event).expect("JSON always serializes");
         let started = Instant::now();
@@ -247,7 +297,9 @@ async fn one_by_one(env: &BenchEnv, runs: u64) -> Result<Percentiles, BenchError
                 break;
             }
             if Instant::now() > deadline {
-                return Err(BenchError::Setup(format!("run {i} did not finish within 30 s")));
+                return Err(BenchError::Setup(format!(
+                    "run {i} did not finish within 30 s"
+                )));
             }
             tokio::time::sleep(Duration::from_micros(200)).await;
         }

@@ -42,16 +42,32 @@ impl BenchEnv {
     }
 
     /// Starts `count` worker processes of this binary, configured by `config_file`.
-    pub(super) fn start_workers(&mut self, count: usize, concurrency: usize, config_file: &str) -> Result<(), BenchError> {
-        let exe = std::env::current_exe().map_err(|e| BenchError::Setup(format!("cannot find this binary: {e}")))?;
+    pub(super) fn start_workers(
+        &mut self,
+        count: usize,
+        concurrency: usize,
+        config_file: &str,
+    ) -> Result<(), BenchError> {
+        let exe = std::env::current_exe()
+            .map_err(|e| BenchError::Setup(format!("cannot find this binary: {e}")))?;
         for _ in 0..count {
             let child = Command::new(&exe)
-                .args(["worker", "--http", "off", "--no-migrate", "--concurrency", &concurrency.to_string()])
+                .args([
+                    "worker",
+                    "--http",
+                    "off",
+                    "--no-migrate",
+                    "--concurrency",
+                    &concurrency.to_string(),
+                ])
                 .env("DAGQ_AMQP_URL", &self.settings.amqp_url)
                 .env("DAGQ_DATABASE_URL", &self.settings.database_url)
                 .env("DAGQ_NAMESPACE", &self.settings.namespace)
                 .env("DAGQ_CONFIG", config_file)
-                .env("DAGQ_LOG", std::env::var("DAGQ_BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()))
+                .env(
+                    "DAGQ_LOG",
+                    std::env::var("DAGQ_BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+                )
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .spawn()
@@ -63,7 +79,10 @@ impl BenchEnv {
 
     /// Peak memory and CPU of each worker so far.
     pub(super) fn worker_usage(&self) -> Vec<ProcessUsage> {
-        self.workers.iter().filter_map(|w| process_usage(w.id())).collect()
+        self.workers
+            .iter()
+            .filter_map(|w| process_usage(w.id()))
+            .collect()
     }
 
     /// Stops the workers, deletes the namespace's queues and exchanges and the database.
@@ -74,11 +93,15 @@ impl BenchEnv {
         }
         if let Ok(connection) = broker::connect(&self.settings.amqp_url, "bench-cleanup").await {
             if let Ok(channel) = connection.create_channel().await {
-                let _ = Topology::new(&self.settings.namespace).delete(&channel, task_queues).await;
+                let _ = Topology::new(&self.settings.namespace)
+                    .delete(&channel, task_queues)
+                    .await;
             }
             let _ = connection.close(200, "done".into()).await;
         }
-        if let Ok((client, connection)) = tokio_postgres::connect(&self.admin_url, tokio_postgres::NoTls).await {
+        if let Ok((client, connection)) =
+            tokio_postgres::connect(&self.admin_url, tokio_postgres::NoTls).await
+        {
             tokio::spawn(connection);
             let drop = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database);
             if let Err(e) = client.batch_execute(&drop).await {
@@ -109,8 +132,17 @@ mod tests {
 
     #[test]
     fn database_names_are_replaced() {
-        assert_eq!(with_dbname("postgres://u@h:5432/dagq", "x"), "postgres://u@h:5432/x");
-        assert_eq!(with_dbname("postgres://u@h/dagq?sslmode=disable", "x"), "postgres://u@h/x?sslmode=disable");
-        assert_eq!(with_dbname("postgres://u@h:5432", "x"), "postgres://u@h:5432/x");
+        assert_eq!(
+            with_dbname("postgres://u@h:5432/dagq", "x"),
+            "postgres://u@h:5432/x"
+        );
+        assert_eq!(
+            with_dbname("postgres://u@h/dagq?sslmode=disable", "x"),
+            "postgres://u@h/x?sslmode=disable"
+        );
+        assert_eq!(
+            with_dbname("postgres://u@h:5432", "x"),
+            "postgres://u@h:5432/x"
+        );
     }
 }

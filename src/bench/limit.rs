@@ -50,7 +50,11 @@ async fn measure(env: &BenchEnv, period: Duration) -> Result<LimitReport, BenchE
         pg.push((clients, pg_transitions(env, clients, period).await?));
     }
     let best_pg = pg.iter().map(|(_, r)| *r).fold(0.0, f64::max);
-    Ok(LimitReport { broker_hops_per_sec: hops, pg_transitions_per_sec: pg, ceiling_per_sec: hops.min(best_pg) })
+    Ok(LimitReport {
+        broker_hops_per_sec: hops,
+        pg_transitions_per_sec: pg,
+        ceiling_per_sec: hops.min(best_pg),
+    })
 }
 
 async fn broker_hops(env: &BenchEnv, period: Duration) -> Result<f64, BenchError> {
@@ -60,9 +64,16 @@ async fn broker_hops(env: &BenchEnv, period: Duration) -> Result<f64, BenchError
     publisher.ensure_task_queue("hops").await?;
     let queue = topology.task_queue("hops");
     let channel = connection.create_channel().await?;
-    channel.basic_qos(HOP_MESSAGES, BasicQosOptions::default()).await?;
+    channel
+        .basic_qos(HOP_MESSAGES, BasicQosOptions::default())
+        .await?;
     let mut consumer = channel
-        .basic_consume(queue.as_str().into(), "bench".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            queue.as_str().into(),
+            "bench".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
     for _ in 0..HOP_MESSAGES {
         publisher.publish_task("hops", b"{}", 0).await?;
@@ -91,7 +102,11 @@ async fn broker_hops(env: &BenchEnv, period: Duration) -> Result<f64, BenchError
     Ok(hops)
 }
 
-async fn pg_transitions(env: &BenchEnv, clients: usize, period: Duration) -> Result<f64, BenchError> {
+async fn pg_transitions(
+    env: &BenchEnv,
+    clients: usize,
+    period: Duration,
+) -> Result<f64, BenchError> {
     let url = env.settings.database_url.clone();
     let (setup, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
     tokio::spawn(connection);

@@ -23,12 +23,16 @@ pub(super) struct Latencies(Histogram<u64>);
 impl Latencies {
     pub(super) fn new() -> Self {
         // Up to an hour at three significant digits: ample for any run or request.
-        Latencies(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant bounds are valid"))
+        Latencies(
+            Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant bounds are valid"),
+        )
     }
 
     pub(super) fn record(&mut self, d: Duration) {
         let micros = (d.as_micros() as u64).clamp(1, 3_600_000_000);
-        self.0.record(micros).expect("clamped into the histogram's bounds");
+        self.0
+            .record(micros)
+            .expect("clamped into the histogram's bounds");
     }
 
     pub(super) fn len(&self) -> u64 {
@@ -37,7 +41,11 @@ impl Latencies {
 
     pub(super) fn percentiles(&self) -> Percentiles {
         let ms = |q: f64| self.0.value_at_quantile(q) as f64 / 1000.0;
-        Percentiles { p50: ms(0.50), p95: ms(0.95), p99: ms(0.99) }
+        Percentiles {
+            p50: ms(0.50),
+            p95: ms(0.95),
+            p99: ms(0.99),
+        }
     }
 }
 
@@ -65,7 +73,12 @@ pub(super) fn process_usage(pid: u32) -> Option<ProcessUsage> {
     // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
     let after = stat.rsplit_once(')')?.1;
     let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     Some(ProcessUsage {
         peak_rss_mb: peak_kb / 1024.0,
         cpu_seconds: (ticks(11) + ticks(12)) / CLOCK_TICKS_PER_SECOND,

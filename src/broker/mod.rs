@@ -21,7 +21,9 @@ pub enum BrokerError {
     #[error("RabbitMQ did not accept a message for exchange {exchange} (key {key})")]
     Nacked { exchange: String, key: String },
     /// A mandatory message matched no queue and came back.
-    #[error("RabbitMQ returned a message for exchange {exchange} (key {key}) as unroutable: {reply}")]
+    #[error(
+        "RabbitMQ returned a message for exchange {exchange} (key {key}) as unroutable: {reply}"
+    )]
     Unroutable {
         exchange: String,
         key: String,

@@ -38,7 +38,9 @@ pub mod headers {
     pub fn text(properties: &lapin::BasicProperties, name: &str) -> Option<String> {
         let value = properties.headers().as_ref()?.inner().get(name)?.clone();
         match value {
-            lapin::types::AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            lapin::types::AMQPValue::LongString(s) => {
+                Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+            }
             lapin::types::AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
             _ => None,
         }
@@ -100,7 +102,12 @@ impl Publisher {
     }
 
     /// Publishes one task message to task queue `queue` and waits for its confirm.
-    pub async fn publish_task(&self, queue: &str, body: &[u8], priority: u8) -> Result<(), BrokerError> {
+    pub async fn publish_task(
+        &self,
+        queue: &str,
+        body: &[u8],
+        priority: u8,
+    ) -> Result<(), BrokerError> {
         self.ensure_task_queue(queue).await?;
         let properties = json_properties().with_priority(priority.min(super::MAX_PRIORITY));
         self.publish_confirmed(&self.topology.tasks_exchange(), queue, body, properties)
@@ -127,12 +134,22 @@ impl Publisher {
     }
 
     /// Publishes a CloudEvent (JSON) to the events exchange with its type as routing key.
-    pub async fn publish_event(&self, event_type: &str, body: &[u8], priority: u8) -> Result<(), BrokerError> {
+    pub async fn publish_event(
+        &self,
+        event_type: &str,
+        body: &[u8],
+        priority: u8,
+    ) -> Result<(), BrokerError> {
         let properties = json_properties()
             .with_priority(priority.min(super::MAX_PRIORITY))
             .with_content_type("application/cloudevents+json".into());
-        self.publish_confirmed(&self.topology.events_exchange(), event_type, body, properties)
-            .await
+        self.publish_confirmed(
+            &self.topology.events_exchange(),
+            event_type,
+            body,
+            properties,
+        )
+        .await
     }
 
     /// Publishes a dead letter to `<ns>.dead`, the reason in its headers.

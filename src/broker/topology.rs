@@ -43,7 +43,9 @@ pub fn retry_tier(delay: Duration) -> Duration {
 }
 
 fn tier_name(tier: Duration) -> String {
-    humantime::format_duration(tier).to_string().replace(' ', "")
+    humantime::format_duration(tier)
+        .to_string()
+        .replace(' ', "")
 }
 
 /// The namespaced names of dagq's exchanges and queues.
@@ -130,17 +132,34 @@ impl Topology {
                 .await?;
         }
         declare_queue(channel, &self.triggers_queue(), priority_args()).await?;
-        bind(channel, &self.triggers_queue(), &self.events_exchange(), "#").await?;
+        bind(
+            channel,
+            &self.triggers_queue(),
+            &self.events_exchange(),
+            "#",
+        )
+        .await?;
         declare_queue(channel, &self.dead_queue(), FieldTable::default()).await?;
         bind(channel, &self.dead_queue(), &self.dead_exchange(), "").await?;
         for tier in RETRY_TIERS {
             let exchange = self.retry_exchange(*tier);
             channel
-                .exchange_declare(exchange.as_str().into(), ExchangeKind::Fanout, durable, FieldTable::default())
+                .exchange_declare(
+                    exchange.as_str().into(),
+                    ExchangeKind::Fanout,
+                    durable,
+                    FieldTable::default(),
+                )
                 .await?;
             let mut args = FieldTable::default();
-            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(tier.as_millis() as i64));
-            args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.tasks_exchange().as_str().into()));
+            args.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt(tier.as_millis() as i64),
+            );
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(self.tasks_exchange().as_str().into()),
+            );
             declare_queue(channel, &self.retry_queue(*tier), args).await?;
             bind(channel, &self.retry_queue(*tier), &exchange, "").await?;
         }
@@ -149,7 +168,11 @@ impl Topology {
 
     /// Declares one task queue and binds it to the tasks exchange. Messages wait there
     /// even while no worker serves the queue.
-    pub async fn declare_task_queue(&self, channel: &Channel, queue: &str) -> Result<(), BrokerError> {
+    pub async fn declare_task_queue(
+        &self,
+        channel: &Channel,
+        queue: &str,
+    ) -> Result<(), BrokerError> {
         let name = self.task_queue(queue);
         declare_queue(channel, &name, priority_args()).await?;
         bind(channel, &name, &self.tasks_exchange(), queue).await
@@ -157,7 +180,11 @@ impl Topology {
 
     /// Deletes the namespace's exchanges and the named task queues (for tests and benches
     /// that made a namespace of their own).
-    pub async fn delete(&self, channel: &Channel, task_queues: &[String]) -> Result<(), BrokerError> {
+    pub async fn delete(
+        &self,
+        channel: &Channel,
+        task_queues: &[String],
+    ) -> Result<(), BrokerError> {
         let mut queues = vec![self.triggers_queue(), self.dead_queue()];
         queues.extend(task_queues.iter().map(|q| self.task_queue(q)));
         queues.extend(RETRY_TIERS.iter().map(|t| self.retry_queue(*t)));
@@ -184,7 +211,10 @@ impl Topology {
 
 fn priority_args() -> FieldTable {
     let mut args = FieldTable::default();
-    args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(MAX_PRIORITY));
+    args.insert(
+        "x-max-priority".into(),
+        AMQPValue::ShortShortUInt(MAX_PRIORITY),
+    );
     args
 }
 
@@ -195,7 +225,12 @@ async fn declare_queue(channel: &Channel, name: &str, args: FieldTable) -> Resul
     Ok(())
 }
 
-async fn bind(channel: &Channel, queue: &str, exchange: &str, key: &str) -> Result<(), BrokerError> {
+async fn bind(
+    channel: &Channel,
+    queue: &str,
+    exchange: &str,
+    key: &str,
+) -> Result<(), BrokerError> {
     channel
         .queue_bind(
             queue.into(),
@@ -214,11 +249,26 @@ mod tests {
 
     #[test]
     fn retries_wait_in_the_shortest_tier_long_enough() {
-        assert_eq!(retry_tier(Duration::from_millis(10)), Duration::from_millis(250));
-        assert_eq!(retry_tier(Duration::from_millis(1500)), Duration::from_secs(2));
-        assert_eq!(retry_tier(Duration::from_secs(7200)), Duration::from_secs(3600));
+        assert_eq!(
+            retry_tier(Duration::from_millis(10)),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            retry_tier(Duration::from_millis(1500)),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            retry_tier(Duration::from_secs(7200)),
+            Duration::from_secs(3600)
+        );
         let topology = Topology::new("ns");
-        assert_eq!(topology.retry_queue(Duration::from_millis(250)), "ns.retry.250ms");
-        assert_eq!(topology.retry_queue(Duration::from_secs(120)), "ns.retry.2m");
+        assert_eq!(
+            topology.retry_queue(Duration::from_millis(250)),
+            "ns.retry.250ms"
+        );
+        assert_eq!(
+            topology.retry_queue(Duration::from_secs(120)),
+            "ns.retry.2m"
+        );
     }
 }

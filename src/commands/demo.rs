@@ -36,8 +36,14 @@ fn demo_profiles(mock: SocketAddr) -> BTreeMap<String, ModelProfile> {
         price_per_1k_completion: Some(0.0006),
     };
     BTreeMap::from([
-        ("reviewer".to_owned(), profile(Provider::Openai, format!("http://{mock}/v1"), "mock-small")),
-        ("writer".to_owned(), profile(Provider::Anthropic, format!("http://{mock}"), "mock-large")),
+        (
+            "reviewer".to_owned(),
+            profile(Provider::Openai, format!("http://{mock}/v1"), "mock-small"),
+        ),
+        (
+            "writer".to_owned(),
+            profile(Provider::Anthropic, format!("http://{mock}"), "mock-large"),
+        ),
     ])
 }
 
@@ -46,7 +52,10 @@ pub async fn demo(settings: &Settings) -> Result<RunStatus, CommandError> {
     let shutdown = CancellationToken::new();
     let mock = mock_llm::serve(
         "127.0.0.1:0".parse().expect("a constant address"),
-        MockOptions { latency: Duration::from_millis(20), ..MockOptions::default() },
+        MockOptions {
+            latency: Duration::from_millis(20),
+            ..MockOptions::default()
+        },
         shutdown.clone(),
     )
     .await
@@ -54,19 +63,33 @@ pub async fn demo(settings: &Settings) -> Result<RunStatus, CommandError> {
     let mut settings = settings.clone();
     settings.file.models = demo_profiles(mock);
 
-    println!("dagq demo: namespace {}, mock-llm at http://{mock}", settings.namespace);
+    println!(
+        "dagq demo: namespace {}, mock-llm at http://{mock}",
+        settings.namespace
+    );
     let applied = Store::migrate(&settings.database_url).await?;
     if !applied.is_empty() {
         println!("applied migrations: {}", applied.join(", "));
     }
     let store = Store::connect(&settings.database_url, 4)?;
-    let workflow = Workflow::from_text("workflows/code-review.json", CODE_REVIEW, Some(&settings.file.models))?;
+    let workflow = Workflow::from_text(
+        "workflows/code-review.json",
+        CODE_REVIEW,
+        Some(&settings.file.models),
+    )?;
     let applied = store.apply_workflow(&workflow).await?;
-    println!("workflow {} is at version {}", applied.name, applied.version);
+    println!(
+        "workflow {} is at version {}",
+        applied.name, applied.version
+    );
 
     let worker = Worker::new(
         settings.clone(),
-        WorkerOptions { migrate: false, concurrency: 16, ..WorkerOptions::default() },
+        WorkerOptions {
+            migrate: false,
+            concurrency: 16,
+            ..WorkerOptions::default()
+        },
     );
     let worker = tokio::spawn(worker.run(shutdown.clone()));
 
@@ -83,7 +106,10 @@ pub async fn demo(settings: &Settings) -> Result<RunStatus, CommandError> {
             "tickets_url": format!("http://{mock}/demo/tickets"),
         }),
     );
-    println!("publishing git.push event {} for acme/payments ...", event["id"].as_str().unwrap_or_default());
+    println!(
+        "publishing git.push event {} for acme/payments ...",
+        event["id"].as_str().unwrap_or_default()
+    );
     publish_event(&settings, &event, 0).await?;
     let waited = wait_for_run(
         &store,
@@ -106,20 +132,30 @@ pub async fn demo(settings: &Settings) -> Result<RunStatus, CommandError> {
             .iter()
             .find(|n| n.node_id == id)
             .and_then(|n| n.output.as_ref())
-            .map(|o| o.get("text").and_then(|t| t.as_str()).map_or_else(|| o.to_string(), str::to_owned))
+            .map(|o| {
+                o.get("text")
+                    .and_then(|t| t.as_str())
+                    .map_or_else(|| o.to_string(), str::to_owned)
+            })
     };
     if let Some(report) = text_of("report") {
         println!("\nreport:\n  {report}");
     }
     if let Some(ticket) = status.nodes.iter().find(|n| n.node_id == "ticket") {
         match (&ticket.state[..], &ticket.output) {
-            ("completed", Some(output)) => println!("ticket opened: {}", output["body"]["id"].as_str().unwrap_or("?")),
+            ("completed", Some(output)) => println!(
+                "ticket opened: {}",
+                output["body"]["id"].as_str().unwrap_or("?")
+            ),
             (state, _) => println!("ticket: {state}"),
         }
     }
     println!("\n{}", format_run_status(&status));
     if status.run.state != "completed" {
-        return Err(CommandError::Usage(format!("the demo run ended {}", status.run.state)));
+        return Err(CommandError::Usage(format!(
+            "the demo run ended {}",
+            status.run.state
+        )));
     }
     Ok(status)
 }

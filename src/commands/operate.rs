@@ -37,10 +37,16 @@ impl OperatorSession {
         Store::migrate(&settings.database_url).await?;
         let store = Store::connect(&settings.database_url, 2)?;
         let connection = broker::connect(&settings.amqp_url, "cli").await?;
-        let publisher = Arc::new(Publisher::open(&connection, Topology::new(&settings.namespace)).await?);
+        let publisher =
+            Arc::new(Publisher::open(&connection, Topology::new(&settings.namespace)).await?);
         let alerter = Alerter::new(settings.file.alerts.clone(), store.clone());
-        let engine = Engine::new(store.clone(), publisher, Registry::new(&settings.file)).with_alerter(alerter);
-        Ok(OperatorSession { connection, engine, store })
+        let engine = Engine::new(store.clone(), publisher, Registry::new(&settings.file))
+            .with_alerter(alerter);
+        Ok(OperatorSession {
+            connection,
+            engine,
+            store,
+        })
     }
 
     /// Closes the broker connection.
@@ -49,7 +55,12 @@ impl OperatorSession {
     }
 
     /// `dagq retry`.
-    pub async fn retry(&self, run_id: Uuid, node: Option<&str>, input: Option<Value>) -> Result<String, CommandError> {
+    pub async fn retry(
+        &self,
+        run_id: Uuid,
+        node: Option<&str>,
+        input: Option<Value>,
+    ) -> Result<String, CommandError> {
         let reset = self.engine.retry_run(run_id, node, input).await?;
         Ok(format!("run {run_id}: {reset} node(s) queued again"))
     }
@@ -63,7 +74,9 @@ impl OperatorSession {
     /// `dagq breaker reset`.
     pub async fn reset_breaker(&self, profile: &str) -> Result<String, CommandError> {
         if self.engine.reset_breaker(profile).await? {
-            Ok(format!("breaker of {profile} closed; workers resume its queue"))
+            Ok(format!(
+                "breaker of {profile} closed; workers resume its queue"
+            ))
         } else {
             Err(CommandError::NotFound(format!(
                 "profile {profile} has no breaker yet (it never failed); `dagq breaker list` lists them"
@@ -97,9 +110,18 @@ impl OperatorSession {
 
 /// `dagq dlq list` as a table.
 pub fn format_dead_letters(letters: &[DeadLetterRow]) -> String {
-    let mut out = format!("{:<36}  {:<17} {:<19} {:<9} DETAIL\n", "ID", "REASON", "CREATED", "REPLAYED");
+    let mut out = format!(
+        "{:<36}  {:<17} {:<19} {:<9} DETAIL\n",
+        "ID", "REASON", "CREATED", "REPLAYED"
+    );
     for l in letters {
-        let detail: String = l.detail.as_deref().unwrap_or("").chars().take(100).collect();
+        let detail: String = l
+            .detail
+            .as_deref()
+            .unwrap_or("")
+            .chars()
+            .take(100)
+            .collect();
         let _ = writeln!(
             out,
             "{:<36}  {:<17} {:<19} {:<9} {}",
@@ -115,11 +137,27 @@ pub fn format_dead_letters(letters: &[DeadLetterRow]) -> String {
 
 /// `dagq breaker list` as a table.
 pub fn format_breakers(breakers: &[BreakerState]) -> String {
-    let mut out = format!("{:<20} {:<10} {:>8} {:<19} LAST ERROR\n", "PROFILE", "STATE", "FAILURES", "OPENED");
+    let mut out = format!(
+        "{:<20} {:<10} {:>8} {:<19} LAST ERROR\n",
+        "PROFILE", "STATE", "FAILURES", "OPENED"
+    );
     for b in breakers {
-        let error: String = b.last_error.as_deref().unwrap_or("").chars().take(80).collect();
-        let opened = b.opened_at.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_else(|| "-".into());
-        let _ = writeln!(out, "{:<20} {:<10} {:>8} {:<19} {error}", b.profile, b.state, b.consecutive_failures, opened);
+        let error: String = b
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .chars()
+            .take(80)
+            .collect();
+        let opened = b
+            .opened_at
+            .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+            .unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            out,
+            "{:<20} {:<10} {:>8} {:<19} {error}",
+            b.profile, b.state, b.consecutive_failures, opened
+        );
     }
     out
 }

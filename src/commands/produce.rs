@@ -11,7 +11,11 @@ use crate::schema::Schema;
 
 /// Publishes one CloudEvent, declaring the topology first so that an event published to
 /// a fresh broker (a git hook before any worker ever started) is kept, not dropped.
-pub async fn publish_event(settings: &Settings, event: &Value, priority: u8) -> Result<(), CommandError> {
+pub async fn publish_event(
+    settings: &Settings,
+    event: &Value,
+    priority: u8,
+) -> Result<(), CommandError> {
     Schema::Event
         .check(event)
         .map_err(|v| CommandError::Usage(format!("event {v}")))?;
@@ -35,7 +39,9 @@ pub async fn request_run(
     let mut data = serde_json::json!({"workflow": workflow, "input": input});
     if let Some(priority) = priority {
         if priority > 9 {
-            return Err(CommandError::Usage(format!("--priority {priority} is out of range; use 0-9")));
+            return Err(CommandError::Usage(format!(
+                "--priority {priority} is out of range; use 0-9"
+            )));
         }
         data["priority"] = priority.into();
     }

@@ -44,7 +44,9 @@ impl Progress {
             bar.set_position(done);
             return;
         }
-        let due = self.last_line.is_none_or(|t| t.elapsed() >= Duration::from_secs(2));
+        let due = self
+            .last_line
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(2));
         if due && done != self.last_done {
             eprintln!("{}: {done}/{total}", self.label);
             self.last_line = Some(Instant::now());

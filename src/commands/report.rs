@@ -4,7 +4,10 @@ use std::fmt::Write;
 
 use crate::store::{RunStatus, RunSummary};
 
-fn millis(from: Option<chrono::DateTime<chrono::Utc>>, to: Option<chrono::DateTime<chrono::Utc>>) -> String {
+fn millis(
+    from: Option<chrono::DateTime<chrono::Utc>>,
+    to: Option<chrono::DateTime<chrono::Utc>>,
+) -> String {
     match (from, to) {
         (Some(a), Some(b)) => format!("{} ms", (b - a).num_milliseconds()),
         _ => "-".into(),
@@ -15,7 +18,11 @@ fn millis(from: Option<chrono::DateTime<chrono::Utc>>, to: Option<chrono::DateTi
 const OUTPUT_PREVIEW: usize = 160;
 
 fn tokens(calls: i64, prompt: i64, completion: i64) -> String {
-    if calls == 0 { "-".into() } else { format!("{prompt}/{completion}") }
+    if calls == 0 {
+        "-".into()
+    } else {
+        format!("{prompt}/{completion}")
+    }
 }
 
 fn cost(cost: Option<f64>) -> String {
@@ -73,7 +80,11 @@ pub fn format_run_status(status: &RunStatus) -> String {
         .filter(|(_, o)| !o.as_object().is_some_and(|o| o.is_empty()))
         .collect();
     if !outputs.is_empty() {
-        let _ = writeln!(out, "\noutputs (`dagq status {} --json` has them whole):", run.id);
+        let _ = writeln!(
+            out,
+            "\noutputs (`dagq status {} --json` has them whole):",
+            run.id
+        );
     }
     for (node, output) in outputs {
         let text = output.to_string();

@@ -18,7 +18,12 @@ pub async fn wait_for_run(
     let mut progress = show_progress.then(|| Progress::new("waiting for the run", 1));
     let mut delay = Duration::from_millis(5);
     loop {
-        if let Some(run) = store.run_for_event(source, event_id).await?.into_iter().next() {
+        if let Some(run) = store
+            .run_for_event(source, event_id)
+            .await?
+            .into_iter()
+            .next()
+        {
             let status = store
                 .run_status(run.id)
                 .await?

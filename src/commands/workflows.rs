@@ -17,7 +17,11 @@ pub async fn apply_files(
     for file in files {
         let text = std::fs::read_to_string(file)
             .map_err(|e| CommandError::Usage(format!("cannot read workflow file {file}: {e}")))?;
-        workflows.push(Workflow::from_text(file, &text, Some(&settings.file.models))?);
+        workflows.push(Workflow::from_text(
+            file,
+            &text,
+            Some(&settings.file.models),
+        )?);
     }
     let mut applied = Vec::new();
     for workflow in &workflows {
@@ -28,7 +32,10 @@ pub async fn apply_files(
 
 /// `dagq workflow list` as a table.
 pub fn format_workflow_list(workflows: &[WorkflowSummary]) -> String {
-    let mut out = format!("{:<24} {:>7} {:>5}  {:<30} APPLIED\n", "WORKFLOW", "VERSION", "NODES", "TRIGGERS");
+    let mut out = format!(
+        "{:<24} {:>7} {:>5}  {:<30} APPLIED\n",
+        "WORKFLOW", "VERSION", "NODES", "TRIGGERS"
+    );
     for w in workflows {
         let _ = writeln!(
             out,

@@ -15,7 +15,11 @@ impl Engine {
     pub(super) async fn on_breaker_events(&self, events: &[BreakerEvent]) {
         for event in events {
             let (profile, open) = match event {
-                BreakerEvent::Opened { profile, error, failures } => {
+                BreakerEvent::Opened {
+                    profile,
+                    error,
+                    failures,
+                } => {
                     tracing::error!(%profile, failures, %error, "circuit breaker opened");
                     (profile, true)
                 }
@@ -25,7 +29,11 @@ impl Engine {
                 }
             };
             let body = json!({"breaker": profile, "state": if open { "open" } else { "closed" }});
-            if let Err(e) = self.publisher.publish_control(body.to_string().as_bytes()).await {
+            if let Err(e) = self
+                .publisher
+                .publish_control(body.to_string().as_bytes())
+                .await
+            {
                 // Workers also poll the breakers; the message only makes them act sooner.
                 tracing::warn!(error = %e, "cannot announce the breaker change");
             }
@@ -40,7 +48,11 @@ impl Engine {
     async fn notify_breaker(&self, event: &BreakerEvent) {
         let Some(alerter) = &self.alerter else { return };
         let result = match event {
-            BreakerEvent::Opened { profile, error, failures } => {
+            BreakerEvent::Opened {
+                profile,
+                error,
+                failures,
+            } => {
                 let subject = breaker_subject(profile);
                 let alert = Alert {
                     subject: subject.clone(),
@@ -53,7 +65,10 @@ impl Engine {
                 };
                 let detail = format!("{failures} consecutive failures; last: {error}");
                 // The incident is the durable record: open it even when no notifier answers.
-                let incident = alerter.open_incident(&subject, Some(profile), &detail).await.map(|_| ());
+                let incident = alerter
+                    .open_incident(&subject, Some(profile), &detail)
+                    .await
+                    .map(|_| ());
                 alerter.raise(&alert).await.map(|_| ()).and(incident)
             }
             BreakerEvent::Closed { profile } => {
@@ -61,7 +76,9 @@ impl Engine {
                 let alert = Alert {
                     subject: format!("breaker closed: {profile}"),
                     severity: Severity::Warning,
-                    summary: format!("Model profile {profile} answered its trial call; its circuit breaker is closed"),
+                    summary: format!(
+                        "Model profile {profile} answered its trial call; its circuit breaker is closed"
+                    ),
                     details: json!({"profile": profile}),
                 };
                 let resolved = alerter.resolve_incident(&subject).await.map(|_| ());
@@ -85,7 +102,10 @@ impl Engine {
             // per window, not one per failed run.
             subject: format!("dead letter: {} on {place}", letter.reason),
             severity: Severity::Warning,
-            summary: letter.detail.clone().unwrap_or_else(|| letter.reason.clone()),
+            summary: letter
+                .detail
+                .clone()
+                .unwrap_or_else(|| letter.reason.clone()),
             details: json!({
                 "dead_letter": letter.id, "reason": letter.reason, "run_id": letter.run_id,
                 "node_id": letter.node_id, "attempt": letter.attempt, "source_queue": letter.source_queue,

@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use serde_json::{Value, json};
 use deadpool_postgres::GenericClient;
+use serde_json::{Value, json};
 
 use crate::store::{self, QueuedTask, RunContext, StoreError};
 use crate::workflow::{TriggerRule, Workflow, template};
@@ -121,17 +121,25 @@ pub async fn settle(
         for (id, outcome) in std::mem::take(&mut finished) {
             finished_count += 1;
             failed_count += i32::from(outcome == Finished::Failed);
-            let mut children: Vec<String> = workflow.children_of(&id).map(|n| n.id.clone()).collect();
+            let mut children: Vec<String> =
+                workflow.children_of(&id).map(|n| n.id.clone()).collect();
             if children.is_empty() {
                 continue;
             }
             // A fixed lock order keeps two transactions from deadlocking on shared children.
             children.sort();
-            for (child, left) in store::nodes::count_finished_dependency(client, run.run_id, &children).await? {
-                let rule = workflow.node(&child).map(|n| n.trigger_rule).unwrap_or_default();
+            for (child, left) in
+                store::nodes::count_finished_dependency(client, run.run_id, &children).await?
+            {
+                let rule = workflow
+                    .node(&child)
+                    .map(|n| n.trigger_rule)
+                    .unwrap_or_default();
                 match decide(rule, outcome, left) {
                     Decision::Ready => ready.push(child),
-                    Decision::Skip => to_skip.push((child, format!("upstream \"{id}\" {}", outcome.as_str()))),
+                    Decision::Skip => {
+                        to_skip.push((child, format!("upstream \"{id}\" {}", outcome.as_str())))
+                    }
                     Decision::Wait => {}
                 }
             }

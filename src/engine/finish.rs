@@ -30,24 +30,40 @@ impl Engine {
         started: Instant,
     ) -> Result<Handled, EngineError> {
         let node = workflow.and_then(|w| w.node(&message.node_id));
-        if let (Err(AdapterError::BreakerOpen { profile, retry_after }), Some(workflow)) = (&result, workflow) {
-            return self.defer(message, fence, run, workflow, profile, *retry_after).await;
+        if let (
+            Err(AdapterError::BreakerOpen {
+                profile,
+                retry_after,
+            }),
+            Some(workflow),
+        ) = (&result, workflow)
+        {
+            return self
+                .defer(message, fence, run, workflow, profile, *retry_after)
+                .await;
         }
         if let Err(error) = &result {
             let policy = node.and_then(|n| n.retry.clone()).unwrap_or_default();
-            if let (Some(workflow), Some(delay)) = (workflow, next_delay(&policy, message.attempt, error)) {
-                return self.retry_later(message, fence, run, workflow, error, delay).await;
+            if let (Some(workflow), Some(delay)) =
+                (workflow, next_delay(&policy, message.attempt, error))
+            {
+                return self
+                    .retry_later(message, fence, run, workflow, error, delay)
+                    .await;
             }
         }
         let settled = with_commit_retries(|| async {
             let mut client = self.store.client().await?;
             let tx = client.transaction().await?;
-            let settled = self.finish_in(&tx, message, fence, run, workflow, &result).await?;
+            let settled = self
+                .finish_in(&tx, message, fence, run, workflow, &result)
+                .await?;
             tx.commit().await?;
             Ok(settled)
         })
         .await?;
-        self.after_finish(message, run, workflow, settled, &result, started).await
+        self.after_finish(message, run, workflow, settled, &result, started)
+            .await
     }
 
     /// Records `running → completed | failed` for the holder of `fence` and advances the
@@ -80,7 +96,14 @@ impl Engine {
         }
         let settled = match workflow {
             Some(workflow) => {
-                settle(tx, workflow, run, Vec::new(), vec![(message.node_id.clone(), outcome)]).await?
+                settle(
+                    tx,
+                    workflow,
+                    run,
+                    Vec::new(),
+                    vec![(message.node_id.clone(), outcome)],
+                )
+                .await?
             }
             // Without its workflow the DAG cannot advance: count the node, close the run
             // if it was the last, and leave the rest for an operator.
@@ -111,7 +134,8 @@ impl Engine {
         }
         if let Err(error) = result {
             let error = error.to_string();
-            self.publish_dead(&failure_letter(self.publisher.topology(), message, &error)).await?;
+            self.publish_dead(&failure_letter(self.publisher.topology(), message, &error))
+                .await?;
             tracing::warn!(run = %message.run_id, node = %message.node_id, attempt = message.attempt,
                 %error, "node failed");
         }
@@ -122,7 +146,11 @@ impl Engine {
             "queue" => message.queue.clone().unwrap_or_default(),
             "type" => message.kind.clone().unwrap_or_default())
         .record(started.elapsed().as_secs_f64());
-        Ok(Handled::Done(if result.is_ok() { "completed" } else { "failed" }))
+        Ok(Handled::Done(if result.is_ok() {
+            "completed"
+        } else {
+            "failed"
+        }))
     }
 
     /// `running → retrying`, then the next attempt's message into the retry tier that
@@ -140,13 +168,22 @@ impl Engine {
         let text = error.to_string();
         let fenced_in = with_commit_retries(|| async {
             let client = self.store.client().await?;
-            store::nodes::schedule_retry(&client, message.run_id, &message.node_id, fence, &text, retry_at).await
+            store::nodes::schedule_retry(
+                &client,
+                message.run_id,
+                &message.node_id,
+                fence,
+                &text,
+                retry_at,
+            )
+            .await
         })
         .await?;
         if !fenced_in {
             return Ok(fenced(message));
         }
-        self.publish_delayed(workflow, run, message, message.attempt + 1, delay).await?;
+        self.publish_delayed(workflow, run, message, message.attempt + 1, delay)
+            .await?;
         tracing::warn!(run = %message.run_id, node = %message.node_id, attempt = message.attempt,
             error = %text, retry_in = ?delay, "attempt failed; retrying");
         Ok(Handled::Done("retried"))
@@ -172,7 +209,8 @@ impl Engine {
         if !released {
             return Ok(fenced(message));
         }
-        self.publish_delayed(workflow, run, message, message.attempt, delay).await?;
+        self.publish_delayed(workflow, run, message, message.attempt, delay)
+            .await?;
         tracing::info!(run = %message.run_id, node = %message.node_id, attempt = message.attempt, %profile,
             wait = ?delay, "deferred: breaker open");
         Ok(Handled::Done("deferred"))
@@ -206,7 +244,11 @@ fn fenced(message: &TaskMessage) -> Handled {
 }
 
 /// The dead letter of a node that failed for good.
-pub(super) fn failure_letter(topology: &Topology, message: &TaskMessage, error: &str) -> DeadLetter {
+pub(super) fn failure_letter(
+    topology: &Topology,
+    message: &TaskMessage,
+    error: &str,
+) -> DeadLetter {
     DeadLetter {
         reason: "task_failed".into(),
         detail: format!(

@@ -112,7 +112,12 @@ mod tests {
 
     #[test]
     fn new_events_match_the_schema() {
-        let e = new_event("git.push", "test", Some("repo"), serde_json::json!({"branch": "main"}));
+        let e = new_event(
+            "git.push",
+            "test",
+            Some("repo"),
+            serde_json::json!({"branch": "main"}),
+        );
         Schema::Event.check(&e).unwrap();
     }
 }

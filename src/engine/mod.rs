@@ -7,8 +7,8 @@ pub mod dag;
 mod dead;
 mod finish;
 pub mod messages;
-mod publish;
 mod operate;
+mod publish;
 mod redrive;
 pub mod retry;
 mod task;
@@ -104,18 +104,25 @@ impl Engine {
                 tracing::warn!(error = %e, "cannot resolve the breaker's incident");
             }
             let body = serde_json::json!({"breaker": profile, "state": "closed"});
-            self.publisher.publish_control(body.to_string().as_bytes()).await?;
+            self.publisher
+                .publish_control(body.to_string().as_bytes())
+                .await?;
         }
         Ok(known)
     }
 
     /// A stored workflow version, parsed once per process: versions never change.
-    async fn workflow(&self, name: &str, version: i32) -> Result<Option<Arc<Workflow>>, StoreError> {
+    async fn workflow(
+        &self,
+        name: &str,
+        version: i32,
+    ) -> Result<Option<Arc<Workflow>>, StoreError> {
         let key = (name.to_owned(), version);
         if let Some(found) = self.cached(&key) {
             return Ok(Some(found));
         }
-        let Some((version, definition)) = self.store.workflow_definition(name, Some(version)).await?
+        let Some((version, definition)) =
+            self.store.workflow_definition(name, Some(version)).await?
         else {
             return Ok(None);
         };

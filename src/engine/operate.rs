@@ -14,11 +14,18 @@ impl Engine {
     /// Reruns a finished run from its failed (or cancelled) nodes, or from `node`, and
     /// everything downstream of them; upstream outputs are kept. `input` replaces the
     /// run's input. Returns how many nodes were reset.
-    pub async fn retry_run(&self, run_id: Uuid, node: Option<&str>, input: Option<Value>) -> Result<usize, EngineError> {
+    pub async fn retry_run(
+        &self,
+        run_id: Uuid,
+        node: Option<&str>,
+        input: Option<Value>,
+    ) -> Result<usize, EngineError> {
         let mut client = self.store.client().await?;
         let tx = client.transaction().await.map_err(StoreError::from)?;
         let Some((state, nodes)) = store::control::lock_run(&tx, run_id).await? else {
-            return Err(EngineError::Invalid(format!("no run {run_id}; `dagq runs` lists runs")));
+            return Err(EngineError::Invalid(format!(
+                "no run {run_id}; `dagq runs` lists runs"
+            )));
         };
         if state == "running" {
             return Err(EngineError::Invalid(format!(
@@ -26,9 +33,15 @@ impl Engine {
             )));
         }
         let run = store::nodes::run_context(&tx, run_id).await?;
-        let workflow = self.workflow(&run.workflow, run.version).await?.ok_or_else(|| {
-            EngineError::Invalid(format!("workflow {} version {} is not stored", run.workflow, run.version))
-        })?;
+        let workflow = self
+            .workflow(&run.workflow, run.version)
+            .await?
+            .ok_or_else(|| {
+                EngineError::Invalid(format!(
+                    "workflow {} version {} is not stored",
+                    run.workflow, run.version
+                ))
+            })?;
         let targets: Vec<String> = match node {
             Some(node) if workflow.node(node).is_some() => vec![node.to_owned()],
             Some(node) => {
@@ -52,17 +65,27 @@ impl Engine {
         let with_deps: Vec<(String, i32)> = reset
             .iter()
             .map(|id| {
-                let deps = workflow.node(id).map_or(0, |n| n.depends.iter().filter(|d| reset.contains(*d)).count());
+                let deps = workflow.node(id).map_or(0, |n| {
+                    n.depends.iter().filter(|d| reset.contains(*d)).count()
+                });
                 (id.clone(), deps as i32)
             })
             .collect();
-        let failed_outside = nodes.iter().filter(|(id, s)| s == "failed" && !reset.contains(id)).count() as i32;
-        store::control::reset_nodes(&tx, run_id, &with_deps, failed_outside, input.as_ref()).await?;
+        let failed_outside = nodes
+            .iter()
+            .filter(|(id, s)| s == "failed" && !reset.contains(id))
+            .count() as i32;
+        store::control::reset_nodes(&tx, run_id, &with_deps, failed_outside, input.as_ref())
+            .await?;
         let mut run = run;
         if let Some(input) = input {
             run.input = input;
         }
-        let ready = with_deps.iter().filter(|(_, d)| *d == 0).map(|(id, _)| id.clone()).collect();
+        let ready = with_deps
+            .iter()
+            .filter(|(_, d)| *d == 0)
+            .map(|(id, _)| id.clone())
+            .collect();
         let settled = settle(&tx, &workflow, &run, ready, Vec::new()).await?;
         tx.commit().await.map_err(StoreError::from)?;
         self.publish_tasks(&workflow, &run, &settled.queued).await?;
@@ -76,10 +99,14 @@ impl Engine {
         let mut client = self.store.client().await?;
         let tx = client.transaction().await.map_err(StoreError::from)?;
         let Some((state, _)) = store::control::lock_run(&tx, run_id).await? else {
-            return Err(EngineError::Invalid(format!("no run {run_id}; `dagq runs` lists runs")));
+            return Err(EngineError::Invalid(format!(
+                "no run {run_id}; `dagq runs` lists runs"
+            )));
         };
         if !store::control::cancel_run(&tx, run_id).await? {
-            return Err(EngineError::Invalid(format!("run {run_id} is {state}, not running: nothing to cancel")));
+            return Err(EngineError::Invalid(format!(
+                "run {run_id} is {state}, not running: nothing to cancel"
+            )));
         }
         tx.commit().await.map_err(StoreError::from)?;
         let run = store::nodes::run_context(&client, run_id).await?;

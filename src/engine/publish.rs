@@ -61,11 +61,19 @@ impl Engine {
         };
         let queue = match &next.queue {
             Some(queue) => queue.clone(),
-            None => workflow.node(&next.node_id).map(queue_of).unwrap_or_default(),
+            None => workflow
+                .node(&next.node_id)
+                .map(queue_of)
+                .unwrap_or_default(),
         };
         let body = serde_json::to_vec(&next).expect("a task message always serializes");
         self.publisher
-            .publish_retry(&queue, &body, task_priority(workflow, run, &next.node_id), delay)
+            .publish_retry(
+                &queue,
+                &body,
+                task_priority(workflow, run, &next.node_id),
+                delay,
+            )
             .await?;
         Ok(())
     }

@@ -10,7 +10,11 @@ use crate::store;
 
 impl Engine {
     /// Republishes the follow-ups of `message`'s node, now in `state`.
-    pub(super) async fn redrive(&self, message: &TaskMessage, state: &str) -> Result<(), EngineError> {
+    pub(super) async fn redrive(
+        &self,
+        message: &TaskMessage,
+        state: &str,
+    ) -> Result<(), EngineError> {
         let client = self.store.client().await?;
         let run = store::nodes::run_context(&client, message.run_id).await?;
         let Some(workflow) = self.workflow(&run.workflow, run.version).await? else {
@@ -18,14 +22,23 @@ impl Engine {
         };
         match state {
             "completed" | "failed" | "skipped" => {
-                let children: Vec<String> = workflow.children_of(&message.node_id).map(|n| n.id.clone()).collect();
-                let queued = store::nodes::queued_tasks(&client, run.run_id, Some(&children)).await?;
+                let children: Vec<String> = workflow
+                    .children_of(&message.node_id)
+                    .map(|n| n.id.clone())
+                    .collect();
+                let queued =
+                    store::nodes::queued_tasks(&client, run.run_id, Some(&children)).await?;
                 drop(client);
                 tracing::info!(run = %run.run_id, node = %message.node_id, republished = queued.len(),
                     "re-drove a redelivered task");
                 self.publish_tasks(&workflow, &run, &queued).await?;
                 if state == "failed" {
-                    self.publish_dead(&failure_letter(self.publisher.topology(), message, "node failed (re-driven dead letter)")).await?;
+                    self.publish_dead(&failure_letter(
+                        self.publisher.topology(),
+                        message,
+                        "node failed (re-driven dead letter)",
+                    ))
+                    .await?;
                 }
             }
             "retrying" => {
@@ -35,7 +48,8 @@ impl Engine {
                     .map(|at| (at - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO))
                     .unwrap_or(Duration::ZERO);
                 tracing::info!(run = %run.run_id, node = %message.node_id, "re-drove a pending retry");
-                self.publish_delayed(&workflow, &run, message, message.attempt + 1, delay).await?;
+                self.publish_delayed(&workflow, &run, message, message.attempt + 1, delay)
+                    .await?;
             }
             _ => {}
         }

@@ -10,7 +10,11 @@ use crate::workflow::RetryPolicy;
 
 /// How long to wait before the attempt after `failed_attempt`, or `None` when the error
 /// is terminal or the attempts are used up.
-pub fn next_delay(policy: &RetryPolicy, failed_attempt: i32, error: &AdapterError) -> Option<Duration> {
+pub fn next_delay(
+    policy: &RetryPolicy,
+    failed_attempt: i32,
+    error: &AdapterError,
+) -> Option<Duration> {
     if !error.is_retryable() || failed_attempt >= policy.max_attempts as i32 {
         return None;
     }
@@ -53,10 +57,17 @@ mod tests {
     #[test]
     fn delays_grow_to_the_cap_and_stop_after_max_attempts() {
         let p = policy(false);
-        let delays: Vec<_> = (1..=4).map(|a| next_delay(&p, a, &status(503, None))).collect();
+        let delays: Vec<_> = (1..=4)
+            .map(|a| next_delay(&p, a, &status(503, None)))
+            .collect();
         assert_eq!(
             delays,
-            [Some(Duration::from_secs(1)), Some(Duration::from_secs(2)), Some(Duration::from_secs(3)), None]
+            [
+                Some(Duration::from_secs(1)),
+                Some(Duration::from_secs(2)),
+                Some(Duration::from_secs(3)),
+                None
+            ]
         );
     }
 
@@ -67,10 +78,16 @@ mod tests {
 
     #[test]
     fn retry_after_wins_when_longer_and_jitter_stays_in_range() {
-        assert_eq!(next_delay(&policy(false), 1, &status(429, Some(20))), Some(Duration::from_secs(20)));
+        assert_eq!(
+            next_delay(&policy(false), 1, &status(429, Some(20))),
+            Some(Duration::from_secs(20))
+        );
         for _ in 0..100 {
             let d = next_delay(&policy(true), 2, &status(500, None)).unwrap();
-            assert!(d >= Duration::from_secs(1) && d <= Duration::from_secs(2), "{d:?}");
+            assert!(
+                d >= Duration::from_secs(1) && d <= Duration::from_secs(2),
+                "{d:?}"
+            );
         }
     }
 }

@@ -22,7 +22,12 @@ const BACKSTOP: Duration = Duration::from_secs(5);
 
 impl Engine {
     /// Handles one task message from `queue`.
-    pub async fn handle_task(&self, body: &[u8], redelivered: bool, queue: &str) -> Result<Handled, EngineError> {
+    pub async fn handle_task(
+        &self,
+        body: &[u8],
+        redelivered: bool,
+        queue: &str,
+    ) -> Result<Handled, EngineError> {
         let message = match parse_task(body) {
             Ok(message) => message,
             Err(poison) => return Ok(Handled::Poison(poison)),
@@ -42,22 +47,43 @@ impl Engine {
         Ok(handled)
     }
 
-    async fn process_task(&self, message: &TaskMessage, redelivered: bool) -> Result<Handled, EngineError> {
+    async fn process_task(
+        &self,
+        message: &TaskMessage,
+        redelivered: bool,
+    ) -> Result<Handled, EngineError> {
         if message.kind.as_deref().is_some_and(is_builtin) {
             return self.process_builtin(message, redelivered).await;
         }
         let started = Instant::now();
         let client = self.store.client().await?;
-        let claim = store::nodes::claim(&client, message.run_id, &message.node_id, message.attempt, redelivered).await?;
+        let claim = store::nodes::claim(
+            &client,
+            message.run_id,
+            &message.node_id,
+            message.attempt,
+            redelivered,
+        )
+        .await?;
         drop(client);
         let (fence, run) = match self.claimed(message, redelivered, claim).await? {
             Ok(claimed) => claimed,
             Err(handled) => return Ok(handled),
         };
         let Some(workflow) = self.workflow(&run.workflow, run.version).await? else {
-            let error = format!("workflow \"{}\" version {} is not stored", run.workflow, run.version);
+            let error = format!(
+                "workflow \"{}\" version {} is not stored",
+                run.workflow, run.version
+            );
             return self
-                .finish(message, fence, &run, None, Err(AdapterError::Config(error)), started)
+                .finish(
+                    message,
+                    fence,
+                    &run,
+                    None,
+                    Err(AdapterError::Config(error)),
+                    started,
+                )
                 .await;
         };
         let result = self.execute(&workflow, &run, message).await?;
@@ -69,11 +95,25 @@ impl Engine {
     /// executed and finished in one transaction, which halves their commits. The type in
     /// the message is only a hint; a node that turns out not to be built-in takes the
     /// ordinary path with its claim committed first.
-    async fn process_builtin(&self, message: &TaskMessage, redelivered: bool) -> Result<Handled, EngineError> {
+    async fn process_builtin(
+        &self,
+        message: &TaskMessage,
+        redelivered: bool,
+    ) -> Result<Handled, EngineError> {
         let started = Instant::now();
         let mut client = self.store.client().await?;
-        let tx = client.transaction().await.map_err(store::StoreError::from)?;
-        let claim = store::nodes::claim(&tx, message.run_id, &message.node_id, message.attempt, redelivered).await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(store::StoreError::from)?;
+        let claim = store::nodes::claim(
+            &tx,
+            message.run_id,
+            &message.node_id,
+            message.attempt,
+            redelivered,
+        )
+        .await?;
         let (fence, run) = match self.claimed(message, redelivered, claim).await? {
             Ok(claimed) => claimed,
             Err(handled) => return Ok(handled),
@@ -83,14 +123,28 @@ impl Engine {
         let (Some(workflow), Some(node)) = (&workflow, node) else {
             tx.commit().await.map_err(store::StoreError::from)?;
             drop(client);
-            let error = format!("workflow \"{}\" version {} has no node \"{}\"", run.workflow, run.version, message.node_id);
-            return self.finish(message, fence, &run, workflow.as_deref(), Err(AdapterError::Config(error)), started).await;
+            let error = format!(
+                "workflow \"{}\" version {} has no node \"{}\"",
+                run.workflow, run.version, message.node_id
+            );
+            return self
+                .finish(
+                    message,
+                    fence,
+                    &run,
+                    workflow.as_deref(),
+                    Err(AdapterError::Config(error)),
+                    started,
+                )
+                .await;
         };
         if !is_builtin(node.kind.as_str()) {
             tx.commit().await.map_err(store::StoreError::from)?;
             drop(client);
             let result = self.execute(workflow, &run, message).await?;
-            return self.finish(message, fence, &run, Some(workflow), result, started).await;
+            return self
+                .finish(message, fence, &run, Some(workflow), result, started)
+                .await;
         }
         let input = if self.adapters.reads_input(node) {
             let context = template_context(&tx, workflow, &run, &node.id).await?;
@@ -101,15 +155,24 @@ impl Engine {
         };
         let result = match input {
             Ok(input) => {
-                let call = Call { run_id: run.run_id, node, attempt: message.attempt, input, deadline: None };
+                let call = Call {
+                    run_id: run.run_id,
+                    node,
+                    attempt: message.attempt,
+                    input,
+                    deadline: None,
+                };
                 self.adapters.run(&call).await.result
             }
             Err(e) => Err(e),
         };
-        let settled = self.finish_in(&tx, message, fence, &run, Some(workflow), &result).await?;
+        let settled = self
+            .finish_in(&tx, message, fence, &run, Some(workflow), &result)
+            .await?;
         tx.commit().await.map_err(store::StoreError::from)?;
         drop(client);
-        self.after_finish(message, &run, Some(workflow), settled, &result, started).await
+        self.after_finish(message, &run, Some(workflow), settled, &result, started)
+            .await
     }
 
     /// Turns a claim into (fence, run), or into how the message was handled when it is
@@ -121,7 +184,11 @@ impl Engine {
         claim: Claim,
     ) -> Result<Result<(i64, RunContext), Handled>, EngineError> {
         match claim {
-            Claim::Claimed { fence, from_state, run } => {
+            Claim::Claimed {
+                fence,
+                from_state,
+                run,
+            } => {
                 if from_state == "running" {
                     tracing::warn!(run = %message.run_id, node = %message.node_id, attempt = message.attempt,
                         "took over a node left running by a lost worker");
@@ -132,7 +199,10 @@ impl Engine {
                 "unknown_node",
                 format!("run {} has no node \"{}\"", message.run_id, message.node_id),
             )))),
-            Claim::NotClaimable { state: Some(state), attempt } => {
+            Claim::NotClaimable {
+                state: Some(state),
+                attempt,
+            } => {
                 if redelivered && attempt == message.attempt {
                     self.redrive(message, &state).await?;
                 }
@@ -160,7 +230,11 @@ impl Engine {
             drop(client);
             match template::render_value(&node.input, &context) {
                 Ok(input) => input,
-                Err(e) => return Ok(Err(AdapterError::InvalidInput(format!("input template: {e}")))),
+                Err(e) => {
+                    return Ok(Err(AdapterError::InvalidInput(format!(
+                        "input template: {e}"
+                    ))));
+                }
             }
         } else {
             Value::Null
@@ -175,7 +249,8 @@ impl Engine {
         };
         // The adapters end their requests by the deadline and report them; this bound is
         // only a backstop for an adapter that hangs outside a request.
-        let outcome = match tokio::time::timeout(timeout + BACKSTOP, self.adapters.run(&call)).await {
+        let outcome = match tokio::time::timeout(timeout + BACKSTOP, self.adapters.run(&call)).await
+        {
             Ok(outcome) => outcome,
             Err(_) => return Ok(Err(AdapterError::Timeout(timeout))),
         };
@@ -185,7 +260,11 @@ impl Engine {
     }
 
     /// Writes the audit rows of the calls an attempt made and counts them in metrics.
-    async fn record_calls(&self, message: &TaskMessage, calls: &[ModelCall]) -> Result<(), EngineError> {
+    async fn record_calls(
+        &self,
+        message: &TaskMessage,
+        calls: &[ModelCall],
+    ) -> Result<(), EngineError> {
         self.store
             .record_model_calls(message.run_id, &message.node_id, message.attempt, calls)
             .await?;

@@ -22,7 +22,11 @@ struct Target {
 
 impl Engine {
     /// Handles one event from the trigger queue.
-    pub async fn handle_trigger(&self, body: &[u8], redelivered: bool) -> Result<Handled, EngineError> {
+    pub async fn handle_trigger(
+        &self,
+        body: &[u8],
+        redelivered: bool,
+    ) -> Result<Handled, EngineError> {
         let event = match parse_json(body, Schema::Event) {
             Ok(event) => event,
             Err(poison) => return Ok(Handled::Poison(poison)),
@@ -53,22 +57,32 @@ impl Engine {
             let Some((version, _)) = self.store.workflow_definition(name, None).await? else {
                 return Ok(Err(Poison::new(
                     "unknown_workflow",
-                    format!("event {RUN_REQUESTED} names workflow \"{name}\", which is not applied; run `dagq workflow apply FILE` first"),
+                    format!(
+                        "event {RUN_REQUESTED} names workflow \"{name}\", which is not applied; run `dagq workflow apply FILE` first"
+                    ),
                 )));
             };
             let Some(workflow) = self.workflow(name, version).await? else {
-                return Ok(Err(Poison::new("unknown_workflow", format!("workflow \"{name}\" vanished"))));
+                return Ok(Err(Poison::new(
+                    "unknown_workflow",
+                    format!("workflow \"{name}\" vanished"),
+                )));
             };
             return Ok(Ok(vec![Target {
                 workflow,
-                input: data.get("input").cloned().unwrap_or_else(|| Value::Object(Default::default())),
+                input: data
+                    .get("input")
+                    .cloned()
+                    .unwrap_or_else(|| Value::Object(Default::default())),
                 priority: data["priority"].as_i64().unwrap_or(0) as i16,
             }]));
         }
         let mut targets = Vec::new();
         for (version, definition) in self.store.workflows_triggered_by(kind).await? {
             let name = definition["name"].as_str().unwrap_or_default();
-            let Some(workflow) = self.workflow(name, version).await? else { continue };
+            let Some(workflow) = self.workflow(name, version).await? else {
+                continue;
+            };
             match workflow.triggered_by(event) {
                 Ok(true) => targets.push(Target {
                     workflow,
@@ -78,7 +92,9 @@ impl Engine {
                 Ok(false) => {}
                 // A filter that cannot be evaluated on this event (a field it reads is
                 // missing) does not match it.
-                Err(e) => tracing::debug!(workflow = name, error = %e, "trigger filter does not apply"),
+                Err(e) => {
+                    tracing::debug!(workflow = name, error = %e, "trigger filter does not apply")
+                }
             }
         }
         Ok(Ok(targets))
@@ -87,7 +103,12 @@ impl Engine {
     /// Creates the run and publishes its root tasks; returns false when the event had
     /// already started it. A redelivered event re-publishes the run's queued tasks, in
     /// case the first delivery committed but died before publishing.
-    async fn start_run(&self, event: &Value, target: &Target, redelivered: bool) -> Result<bool, EngineError> {
+    async fn start_run(
+        &self,
+        event: &Value,
+        target: &Target,
+        redelivered: bool,
+    ) -> Result<bool, EngineError> {
         let workflow = &target.workflow;
         let run = RunContext {
             run_id: Uuid::now_v7(),
@@ -110,11 +131,21 @@ impl Engine {
                 .def
                 .nodes
                 .iter()
-                .map(|n| (n.id.clone(), n.depends.len() as i32, queue_of(n), n.kind.as_str().to_owned()))
+                .map(|n| {
+                    (
+                        n.id.clone(),
+                        n.depends.len() as i32,
+                        queue_of(n),
+                        n.kind.as_str().to_owned(),
+                    )
+                })
                 .collect(),
         };
         let mut client = self.store.client().await?;
-        let tx = client.transaction().await.map_err(store::StoreError::from)?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(store::StoreError::from)?;
         match store::runs::insert_run(&tx, &new_run).await? {
             StartedRun::Created(_) => {
                 let roots = workflow.roots().map(|n| n.id.clone()).collect();

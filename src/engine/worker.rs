@@ -124,7 +124,11 @@ impl Source {
 impl Worker {
     /// A worker with these settings.
     pub fn new(settings: Settings, options: WorkerOptions) -> Self {
-        Worker { settings, options, listener: None }
+        Worker {
+            settings,
+            options,
+            listener: None,
+        }
     }
 
     /// Binds the HTTP address now, so that the caller learns it (e.g. port 0's) before
@@ -138,9 +142,13 @@ impl Worker {
 
     /// Runs until `shutdown` is cancelled, then drains in-flight work within the grace
     /// period. Lost connections are retried with backoff, never fatal.
-    pub async fn run(mut self, shutdown: CancellationToken) -> Result<Option<SocketAddr>, EngineError> {
+    pub async fn run(
+        mut self,
+        shutdown: CancellationToken,
+    ) -> Result<Option<SocketAddr>, EngineError> {
         // A bad alert destination found now, not at the first outage.
-        Alerter::check_config(&self.settings.file.alerts).map_err(|e| EngineError::Invalid(e.to_string()))?;
+        Alerter::check_config(&self.settings.file.alerts)
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
         if self.options.migrate {
             let mut backoff = Backoff::default();
             loop {
@@ -162,16 +170,24 @@ impl Worker {
             store: store.clone(),
             broker_up: AtomicBool::new(false),
         });
-        let io_error = |e: std::io::Error| EngineError::Broker(broker::BrokerError::Amqp(lapin::Error::from(e)));
+        let io_error = |e: std::io::Error| {
+            EngineError::Broker(broker::BrokerError::Amqp(lapin::Error::from(e)))
+        };
         self.bind_http().await.map_err(io_error)?;
         let http = match self.listener.take() {
             Some(listener) => {
                 // Only workers that export take part in the election; the poller starts
                 // once serving installed the metrics recorder.
-                let poller = telemetry::BacklogPoller::new(&self.settings, self.options.backlog_interval);
-                let addr = telemetry::serve_http(listener, health.clone(), poller.export(), shutdown.clone())
-                    .await
-                    .map_err(io_error)?;
+                let poller =
+                    telemetry::BacklogPoller::new(&self.settings, self.options.backlog_interval);
+                let addr = telemetry::serve_http(
+                    listener,
+                    health.clone(),
+                    poller.export(),
+                    shutdown.clone(),
+                )
+                .await
+                .map_err(io_error)?;
                 tokio::spawn(poller.run(shutdown.clone()));
                 tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
                 Some(addr)
@@ -183,7 +199,9 @@ impl Worker {
         let tracker = TaskTracker::new();
         let mut backoff = Backoff::default();
         while !shutdown.is_cancelled() {
-            let result = self.session(&store, &health, &permits, &tracker, &shutdown).await;
+            let result = self
+                .session(&store, &health, &permits, &tracker, &shutdown)
+                .await;
             health.broker_up.store(false, Ordering::Relaxed);
             match result {
                 Ok(()) => break,
@@ -196,7 +214,10 @@ impl Worker {
             }
         }
         tracker.close();
-        if tokio::time::timeout(self.options.grace, tracker.wait()).await.is_err() {
+        if tokio::time::timeout(self.options.grace, tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 left = tracker.len(),
                 "grace period over; unfinished deliveries stay unacked and will be redelivered"
@@ -221,7 +242,8 @@ impl Worker {
         let breakers = Breakers::new(store.clone(), self.settings.file.breaker.clone());
         let registry = Registry::new(&self.settings.file).with_breakers(breakers.clone());
         let alerter = Alerter::new(self.settings.file.alerts.clone(), store.clone());
-        let engine = Engine::new(store.clone(), publisher.clone(), registry.clone()).with_alerter(alerter);
+        let engine =
+            Engine::new(store.clone(), publisher.clone(), registry.clone()).with_alerter(alerter);
         let (lost_tx, mut lost) = mpsc::channel(4);
         let consuming = Consuming {
             engine,
@@ -232,12 +254,33 @@ impl Worker {
         };
         let prefetch = self.options.concurrency.min(u16::MAX as usize) as u16;
         let triggers = open_channel(&connection, prefetch).await?;
-        let trigger_tag = start_consumer(&triggers, &topology.triggers_queue(), Source::Triggers, &consuming, consuming.stop.clone()).await?;
+        let trigger_tag = start_consumer(
+            &triggers,
+            &topology.triggers_queue(),
+            Source::Triggers,
+            &consuming,
+            consuming.stop.clone(),
+        )
+        .await?;
         let dead = open_channel(&connection, DEAD_LETTER_PREFETCH).await?;
-        let dead_tag = start_consumer(&dead, &topology.dead_queue(), Source::DeadLetters, &consuming, consuming.stop.clone()).await?;
+        let dead_tag = start_consumer(
+            &dead,
+            &topology.dead_queue(),
+            Source::DeadLetters,
+            &consuming,
+            consuming.stop.clone(),
+        )
+        .await?;
         let tasks = open_channel(&connection, prefetch).await?;
         let control = Arc::new(Notify::new());
-        listen_for_control(&connection, &topology, control.clone(), consuming.stop.clone(), consuming.lost.clone()).await?;
+        listen_for_control(
+            &connection,
+            &topology,
+            control.clone(),
+            consuming.stop.clone(),
+            consuming.lost.clone(),
+        )
+        .await?;
         let mut served: BTreeMap<String, TaskConsumer> = BTreeMap::new();
         health.broker_up.store(true, Ordering::Relaxed);
         tracing::info!(namespace = %topology.namespace(), "connected to RabbitMQ");
@@ -277,13 +320,25 @@ impl Worker {
                     (Some(_), true) => {
                         let consumer = served.remove(&queue).expect("present: matched Some");
                         consumer.stop.cancel();
-                        let _ = tasks.basic_cancel(consumer.tag.as_str().into(), BasicCancelOptions::default()).await;
+                        let _ = tasks
+                            .basic_cancel(
+                                consumer.tag.as_str().into(),
+                                BasicCancelOptions::default(),
+                            )
+                            .await;
                         tracing::warn!(%queue, "paused: the circuit breaker of this profile is open");
                     }
                     (None, false) => {
                         publisher.ensure_task_queue(&queue).await?;
                         let stop = consuming.stop.child_token();
-                        let tag = start_consumer(&tasks, &topology.task_queue(&queue), Source::Tasks(queue.clone()), &consuming, stop.clone()).await?;
+                        let tag = start_consumer(
+                            &tasks,
+                            &topology.task_queue(&queue),
+                            Source::Tasks(queue.clone()),
+                            &consuming,
+                            stop.clone(),
+                        )
+                        .await?;
                         tracing::info!(%queue, "serving task queue");
                         served.insert(queue, TaskConsumer { tag, stop });
                     }
@@ -306,8 +361,14 @@ impl Worker {
                     .await;
             }
             tracker.close();
-            if tokio::time::timeout(self.options.grace, tracker.wait()).await.is_err() {
-                tracing::warn!(left = tracker.len(), "grace period over; closing with deliveries unacked");
+            if tokio::time::timeout(self.options.grace, tracker.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    left = tracker.len(),
+                    "grace period over; closing with deliveries unacked"
+                );
             }
             let _ = connection.close(200, "worker shutting down".into()).await;
         }
@@ -316,7 +377,10 @@ impl Worker {
 }
 
 async fn open_channel(connection: &Connection, prefetch: u16) -> Result<Channel, EngineError> {
-    let channel = connection.create_channel().await.map_err(broker::BrokerError::from)?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(broker::BrokerError::from)?;
     // global: the limit covers every consumer on the channel, so the worker never holds
     // more unacked deliveries than it can process, whatever the number of queues.
     channel
@@ -333,9 +397,18 @@ async fn start_consumer(
     consuming: &Consuming,
     stop: CancellationToken,
 ) -> Result<String, EngineError> {
-    let tag = format!("dagq-{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
+    let tag = format!(
+        "dagq-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    );
     let consumer = channel
-        .basic_consume(queue.into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            queue.into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .map_err(broker::BrokerError::from)?;
     let consuming = consuming.clone();
@@ -343,7 +416,12 @@ async fn start_consumer(
     Ok(tag)
 }
 
-async fn consume(mut consumer: lapin::Consumer, source: Source, consuming: Consuming, stop: CancellationToken) {
+async fn consume(
+    mut consumer: lapin::Consumer,
+    source: Source,
+    consuming: Consuming,
+    stop: CancellationToken,
+) {
     loop {
         let next = tokio::select! {
             biased;
@@ -360,17 +438,41 @@ async fn consume(mut consumer: lapin::Consumer, source: Source, consuming: Consu
                 return;
             }
             None => {
-                let _ = consuming.lost.send("consumer cancelled by the broker".into()).await;
+                let _ = consuming
+                    .lost
+                    .send("consumer cancelled by the broker".into())
+                    .await;
                 return;
             }
         };
-        let Ok(permit) = consuming.permits.clone().acquire_owned().await else {
+        // A stop while waiting for a slot hands the delivery back rather than starting it
+        // after shutdown began.
+        let permit = tokio::select! {
+            biased;
+            _ = stop.cancelled() => None,
+            permit = consuming.permits.clone().acquire_owned() => permit.ok(),
+        };
+        let Some(permit) = permit else {
+            let _ = delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    multiple: false,
+                })
+                .await;
+            give_back(consumer).await;
             return;
         };
         let engine = consuming.engine.clone();
         let source = source.clone();
         // Task handling records run, node and attempt once the message is parsed.
-        let span = tracing::info_span!("delivery", queue = source.label(), run = Empty, node = Empty, attempt = Empty);
+        let span = tracing::info_span!(
+            "delivery",
+            queue = source.label(),
+            run = Empty,
+            node = Empty,
+            attempt = Empty
+        );
         consuming.tracker.spawn(
             async move {
                 let _permit = permit;
@@ -384,10 +486,15 @@ async fn consume(mut consumer: lapin::Consumer, source: Source, consuming: Consu
 /// Returns the deliveries a stopped consumer had buffered but not started, so that they
 /// go to another consumer now instead of waiting for this channel to close.
 async fn give_back(mut consumer: lapin::Consumer) {
-    while let Ok(Some(Ok(delivery))) = tokio::time::timeout(Duration::from_millis(200), consumer.next()).await {
+    while let Ok(Some(Ok(delivery))) =
+        tokio::time::timeout(Duration::from_millis(200), consumer.next()).await
+    {
         let _ = delivery
             .acker
-            .nack(BasicNackOptions { requeue: true, multiple: false })
+            .nack(BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            })
             .await;
     }
 }
@@ -400,11 +507,18 @@ async fn listen_for_control(
     stop: CancellationToken,
     lost: mpsc::Sender<String>,
 ) -> Result<(), EngineError> {
-    let channel = connection.create_channel().await.map_err(broker::BrokerError::from)?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(broker::BrokerError::from)?;
     let queue = channel
         .queue_declare(
             "".into(),
-            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
             FieldTable::default(),
         )
         .await
@@ -423,7 +537,10 @@ async fn listen_for_control(
         .basic_consume(
             queue.name().clone(),
             "".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
             FieldTable::default(),
         )
         .await
@@ -448,11 +565,19 @@ async fn listen_for_control(
 
 /// Profiles whose queues no worker should consume now: their breaker is cooling down and
 /// so is every fallback (with a live fallback, tasks go there instead).
-async fn paused_profiles(breakers: &Breakers, registry: &Registry) -> Result<BTreeSet<String>, crate::store::StoreError> {
+async fn paused_profiles(
+    breakers: &Breakers,
+    registry: &Registry,
+) -> Result<BTreeSet<String>, crate::store::StoreError> {
     let cooling: BTreeSet<String> = breakers.cooling_down().await?.into_iter().collect();
     Ok(cooling
         .iter()
-        .filter(|profile| registry.chain_of(profile).iter().all(|p| cooling.contains(p)))
+        .filter(|profile| {
+            registry
+                .chain_of(profile)
+                .iter()
+                .all(|p| cooling.contains(p))
+        })
         .cloned()
         .collect())
 }
@@ -477,14 +602,24 @@ async fn process(engine: &Engine, source: &Source, delivery: Delivery) {
     };
     let result = match source {
         Source::Triggers => {
-            let result = engine.handle_trigger(&delivery.data, delivery.redelivered).await;
+            let result = engine
+                .handle_trigger(&delivery.data, delivery.redelivered)
+                .await;
             if let Ok(Handled::Done(outcome)) = &result {
                 metrics::counter!(telemetry::EVENTS_TOTAL, "outcome" => *outcome).increment(1);
             }
             result
         }
-        Source::Tasks(queue) => engine.handle_task(&delivery.data, delivery.redelivered, queue).await,
-        Source::DeadLetters => engine.handle_dead(&delivery.data, &delivery.properties).await,
+        Source::Tasks(queue) => {
+            engine
+                .handle_task(&delivery.data, delivery.redelivered, queue)
+                .await
+        }
+        Source::DeadLetters => {
+            engine
+                .handle_dead(&delivery.data, &delivery.properties)
+                .await
+        }
     };
     let settle = match result {
         Ok(Handled::Done(outcome)) => {
@@ -511,7 +646,10 @@ async fn process(engine: &Engine, source: &Source, delivery: Delivery) {
         Settle::Requeue => {
             delivery
                 .acker
-                .nack(BasicNackOptions { requeue: true, multiple: false })
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    multiple: false,
+                })
                 .await
         }
     };
@@ -527,7 +665,13 @@ enum Settle {
     Requeue,
 }
 
-async fn dead_letter(engine: &Engine, delivery: &Delivery, queue: &str, reason: &'static str, detail: &str) -> Settle {
+async fn dead_letter(
+    engine: &Engine,
+    delivery: &Delivery,
+    queue: &str,
+    reason: &'static str,
+    detail: &str,
+) -> Settle {
     let letter = DeadLetter {
         reason: reason.into(),
         detail: detail.into(),
@@ -551,7 +695,9 @@ struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff { next: Duration::from_millis(100) }
+        Backoff {
+            next: Duration::from_millis(100),
+        }
     }
 }
 

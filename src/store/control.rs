@@ -13,13 +13,19 @@ pub(crate) async fn lock_run(
     run_id: Uuid,
 ) -> Result<Option<(String, Vec<(String, String)>)>, StoreError> {
     let Some(run) = client
-        .query_opt("SELECT state FROM runs WHERE id = $1 FOR UPDATE", &[&run_id])
+        .query_opt(
+            "SELECT state FROM runs WHERE id = $1 FOR UPDATE",
+            &[&run_id],
+        )
         .await?
     else {
         return Ok(None);
     };
     let nodes = client
-        .query("SELECT node_id, state FROM node_runs WHERE run_id = $1", &[&run_id])
+        .query(
+            "SELECT node_id, state FROM node_runs WHERE run_id = $1",
+            &[&run_id],
+        )
         .await?
         .iter()
         .map(|r| (r.get(0), r.get(1)))
@@ -74,7 +80,10 @@ pub(crate) async fn reset_nodes(
 
 /// Cancels a running run and every node not yet final. Returns false when the run was
 /// not running.
-pub(crate) async fn cancel_run(client: &impl GenericClient, run_id: Uuid) -> Result<bool, StoreError> {
+pub(crate) async fn cancel_run(
+    client: &impl GenericClient,
+    run_id: Uuid,
+) -> Result<bool, StoreError> {
     let cancelled = client
         .query_opt(
             "WITH r AS (

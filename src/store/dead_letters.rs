@@ -84,7 +84,11 @@ impl Store {
     }
 
     /// Dead letters, newest first; replayed ones only when asked.
-    pub async fn list_dead_letters(&self, include_replayed: bool, limit: i64) -> Result<Vec<DeadLetterRow>, StoreError> {
+    pub async fn list_dead_letters(
+        &self,
+        include_replayed: bool,
+        limit: i64,
+    ) -> Result<Vec<DeadLetterRow>, StoreError> {
         let client = self.client().await?;
         let rows = client
             .query(
@@ -102,7 +106,10 @@ impl Store {
     pub async fn dead_letter(&self, id: Uuid) -> Result<Option<DeadLetterRow>, StoreError> {
         let client = self.client().await?;
         let row = client
-            .query_opt(&format!("SELECT {COLUMNS} FROM dead_letters WHERE id = $1"), &[&id])
+            .query_opt(
+                &format!("SELECT {COLUMNS} FROM dead_letters WHERE id = $1"),
+                &[&id],
+            )
             .await?;
         Ok(row.as_ref().map(row_to_letter))
     }

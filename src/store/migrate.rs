@@ -10,9 +10,21 @@ use super::{Store, StoreError};
 /// (version, name, SQL), in the order they apply.
 const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "0001_core", include_str!("../../sql/0001_core.sql")),
-    (2, "0002_model_calls", include_str!("../../sql/0002_model_calls.sql")),
-    (3, "0003_retries", include_str!("../../sql/0003_retries.sql")),
-    (4, "0004_dead_letters_incidents", include_str!("../../sql/0004_dead_letters_incidents.sql")),
+    (
+        2,
+        "0002_model_calls",
+        include_str!("../../sql/0002_model_calls.sql"),
+    ),
+    (
+        3,
+        "0003_retries",
+        include_str!("../../sql/0003_retries.sql"),
+    ),
+    (
+        4,
+        "0004_dead_letters_incidents",
+        include_str!("../../sql/0004_dead_letters_incidents.sql"),
+    ),
 ];
 
 /// Arbitrary constant that identifies dagq's migration lock among advisory locks.
@@ -21,7 +33,8 @@ const MIGRATION_LOCK: i64 = 0x0064_6167_716d_6967;
 /// Connects to the server's `postgres` database and creates the target database when it
 /// does not exist. Two processes racing to create it is harmless.
 pub(super) async fn create_database_if_missing(url: &str) -> Result<(), StoreError> {
-    let config = tokio_postgres::Config::from_str(url).map_err(|e| StoreError::Url(e.to_string()))?;
+    let config =
+        tokio_postgres::Config::from_str(url).map_err(|e| StoreError::Url(e.to_string()))?;
     let name = config
         .get_dbname()
         .ok_or_else(|| StoreError::Url("the URL names no database (…/dagq)".into()))?
@@ -36,11 +49,15 @@ pub(super) async fn create_database_if_missing(url: &str) -> Result<(), StoreErr
         .is_some();
     if !exists {
         let quoted = format!("\"{}\"", name.replace('"', "\"\""));
-        match client.batch_execute(&format!("CREATE DATABASE {quoted}")).await {
+        match client
+            .batch_execute(&format!("CREATE DATABASE {quoted}"))
+            .await
+        {
             Ok(()) => tracing::info!(database = %name, "created database"),
             // 42P04 duplicate_database, 23505: another process created it first.
             Err(e)
-                if e.code().is_some_and(|c| c.code() == "42P04" || c.code() == "23505") => {}
+                if e.code()
+                    .is_some_and(|c| c.code() == "42P04" || c.code() == "23505") => {}
             Err(e) => return Err(e.into()),
         }
     }

@@ -22,13 +22,21 @@ impl Store {
         let provider: Vec<&str> = calls.iter().map(|c| c.provider).collect();
         let model: Vec<Option<&str>> = calls.iter().map(|c| c.model.as_deref()).collect();
         let status: Vec<&str> = calls.iter().map(|c| c.status.as_str()).collect();
-        let http_status: Vec<Option<i32>> = calls.iter().map(|c| c.http_status.map(i32::from)).collect();
-        let latency: Vec<f64> = calls.iter().map(|c| c.latency.as_secs_f64() * 1000.0).collect();
+        let http_status: Vec<Option<i32>> =
+            calls.iter().map(|c| c.http_status.map(i32::from)).collect();
+        let latency: Vec<f64> = calls
+            .iter()
+            .map(|c| c.latency.as_secs_f64() * 1000.0)
+            .collect();
         let prompt: Vec<i32> = calls.iter().map(|c| c.usage.prompt_tokens as i32).collect();
-        let completion: Vec<i32> = calls.iter().map(|c| c.usage.completion_tokens as i32).collect();
+        let completion: Vec<i32> = calls
+            .iter()
+            .map(|c| c.usage.completion_tokens as i32)
+            .collect();
         let cost: Vec<Option<f64>> = calls.iter().map(|c| c.cost).collect();
         let request: Vec<&serde_json::Value> = calls.iter().map(|c| &c.request).collect();
-        let response: Vec<Option<&serde_json::Value>> = calls.iter().map(|c| c.response.as_ref()).collect();
+        let response: Vec<Option<&serde_json::Value>> =
+            calls.iter().map(|c| c.response.as_ref()).collect();
         let error: Vec<Option<&str>> = calls.iter().map(|c| c.error.as_deref()).collect();
         let client = self.client().await?;
         let stmt = client
@@ -44,8 +52,22 @@ impl Store {
             .execute(
                 &stmt,
                 &[
-                    &run_id, &node_id, &attempt, &seq, &profile, &provider, &model, &status, &http_status,
-                    &latency, &prompt, &completion, &cost, &request, &response, &error,
+                    &run_id,
+                    &node_id,
+                    &attempt,
+                    &seq,
+                    &profile,
+                    &provider,
+                    &model,
+                    &status,
+                    &http_status,
+                    &latency,
+                    &prompt,
+                    &completion,
+                    &cost,
+                    &request,
+                    &response,
+                    &error,
                 ],
             )
             .await?;

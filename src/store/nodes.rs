@@ -2,8 +2,8 @@
 //! whose transition row is written by the same statement, so neither exists without the
 //! other.
 
-use serde_json::Value;
 use deadpool_postgres::GenericClient;
+use serde_json::Value;
 use uuid::Uuid;
 
 use super::StoreError;
@@ -260,7 +260,9 @@ pub(crate) async fn release(
              RETURNING attempt",
         )
         .await?;
-    let rows = client.query(&stmt, &[&run_id, &node_id, &fence, &reason]).await?;
+    let rows = client
+        .query(&stmt, &[&run_id, &node_id, &fence, &reason])
+        .await?;
     Ok(!rows.is_empty())
 }
 
@@ -403,7 +405,9 @@ pub(crate) async fn count_finished_nodes(
              SELECT state FROM r",
         )
         .await?;
-    let row = client.query_opt(&stmt, &[&run_id, &finished, &failed]).await?;
+    let row = client
+        .query_opt(&stmt, &[&run_id, &finished, &failed])
+        .await?;
     Ok(row
         .map(|r| r.get::<_, String>(0))
         .filter(|state| state != "running"))

@@ -1,9 +1,9 @@
 //! The `runs` table, and the read side of a run for `dagq status` and `dagq runs`.
 
 use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
 use serde::Serialize;
 use serde_json::Value;
-use deadpool_postgres::GenericClient;
 use uuid::Uuid;
 
 use super::{Store, StoreError};
@@ -209,8 +209,7 @@ pub struct RunFilter {
     pub limit: i64,
 }
 
-const RUN_COLUMNS: &str =
-    "id, workflow, version, state, event->>'type', created_at, finished_at";
+const RUN_COLUMNS: &str = "id, workflow, version, state, event->>'type', created_at, finished_at";
 
 fn run_summary(row: &tokio_postgres::Row) -> RunSummary {
     RunSummary {

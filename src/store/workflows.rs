@@ -39,8 +39,8 @@ const APPLY_LOCK: i64 = 0x0064_6167_7161_7070;
 impl Store {
     /// Stores a validated workflow as a new version unless it equals the latest one.
     pub async fn apply_workflow(&self, workflow: &Workflow) -> Result<AppliedWorkflow, StoreError> {
-        let definition = serde_json::to_value(&workflow.def)
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let definition =
+            serde_json::to_value(&workflow.def).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let queues: Vec<String> = workflow.queues().into_iter().collect();
         let mut client = self.client().await?;
         let tx = client.transaction().await?;

@@ -198,8 +198,13 @@ mod tests {
 
     #[test]
     fn unknown_dependency_is_named() {
-        let e = err(json!({"name": "w", "nodes": [{"id": "a", "type": "noop", "depends": ["sumary"]}]}));
-        assert_eq!(e, "workflow \"w\": node \"a\" depends on unknown node \"sumary\"");
+        let e = err(
+            json!({"name": "w", "nodes": [{"id": "a", "type": "noop", "depends": ["sumary"]}]}),
+        );
+        assert_eq!(
+            e,
+            "workflow \"w\": node \"a\" depends on unknown node \"sumary\""
+        );
     }
 
     #[test]
@@ -209,12 +214,19 @@ mod tests {
             {"id": "b", "type": "noop", "depends": ["a"]},
             {"id": "c", "type": "noop", "depends": ["b"]}]}));
         assert!(e.contains("dependency cycle: "), "{e}");
-        assert!(e.contains("a -> b -> c -> a") || e.contains("b -> c -> a -> b") || e.contains("c -> a -> b -> c"), "{e}");
+        assert!(
+            e.contains("a -> b -> c -> a")
+                || e.contains("b -> c -> a -> b")
+                || e.contains("c -> a -> b -> c"),
+            "{e}"
+        );
     }
 
     #[test]
     fn duplicate_ids_are_refused() {
-        let e = err(json!({"name": "w", "nodes": [{"id": "a", "type": "noop"}, {"id": "a", "type": "noop"}]}));
+        let e = err(
+            json!({"name": "w", "nodes": [{"id": "a", "type": "noop"}, {"id": "a", "type": "noop"}]}),
+        );
         assert!(e.contains("\"a\" is used twice"), "{e}");
     }
 
@@ -226,8 +238,13 @@ mod tests {
 
     #[test]
     fn bad_template_is_named() {
-        let e = err(json!({"name": "w", "nodes": [{"id": "a", "type": "transform", "input": {"x": "{{ event.data. }}"}}]}));
-        assert!(e.contains("node \"a\" input/x: template does not parse"), "{e}");
+        let e = err(
+            json!({"name": "w", "nodes": [{"id": "a", "type": "transform", "input": {"x": "{{ event.data. }}"}}]}),
+        );
+        assert!(
+            e.contains("node \"a\" input/x: template does not parse"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -259,7 +276,10 @@ mod tests {
             None,
         )
         .unwrap();
-        assert_eq!(wf.queues().into_iter().collect::<Vec<_>>(), ["noop", "reviewer", "special"]);
+        assert_eq!(
+            wf.queues().into_iter().collect::<Vec<_>>(),
+            ["noop", "reviewer", "special"]
+        );
         assert_eq!(wf.children_of("a").count(), 2);
     }
 

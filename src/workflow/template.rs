@@ -116,7 +116,9 @@ pub fn render_value(value: &Value, context: &minijinja::Value) -> Result<Value, 
 
 fn render_string(text: &str, context: &minijinja::Value) -> Result<Value, TemplateError> {
     if let Some(expr) = sole_expression(text) {
-        let value = ENV.compile_expression_owned(expr.to_owned())?.eval(context)?;
+        let value = ENV
+            .compile_expression_owned(expr.to_owned())?
+            .eval(context)?;
         // Evaluating an expression returns undefined instead of failing as rendering
         // does; strict templates must not turn a typo into `null`.
         if value.is_undefined() {
@@ -161,13 +163,21 @@ mod tests {
     #[test]
     fn sole_expression_keeps_json_type() {
         let c = ctx(json!({"nodes": {"a": {"output": {"n": 3, "list": [1, 2]}}}}));
-        let out = render_value(&json!({"x": "{{ nodes.a.output.list }}", "y": "n={{ nodes.a.output.n }}"}), &c).unwrap();
+        let out = render_value(
+            &json!({"x": "{{ nodes.a.output.list }}", "y": "n={{ nodes.a.output.n }}"}),
+            &c,
+        )
+        .unwrap();
         assert_eq!(out, json!({"x": [1, 2], "y": "n=3"}));
     }
 
     #[test]
     fn undefined_variable_is_an_error() {
-        let err = render_value(&json!("{{ event.data.missing }}"), &ctx(json!({"event": {"data": {}}}))).unwrap_err();
+        let err = render_value(
+            &json!("{{ event.data.missing }}"),
+            &ctx(json!({"event": {"data": {}}})),
+        )
+        .unwrap_err();
         assert!(err.0.contains("undefined"), "{err}");
     }
 
@@ -180,7 +190,8 @@ mod tests {
 
     #[test]
     fn variables_are_reported_with_paths() {
-        let vars = variables_of("Review:\n{{ nodes.diff.output.body }} {{ event.data.x }}").unwrap();
+        let vars =
+            variables_of("Review:\n{{ nodes.diff.output.body }} {{ event.data.x }}").unwrap();
         assert!(vars.contains("nodes.diff.output.body"), "{vars:?}");
         assert!(vars.contains("event.data.x"), "{vars:?}");
     }

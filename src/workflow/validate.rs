@@ -5,9 +5,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::Value;
 
+use super::WorkflowError;
 use super::definition::{NodeDef, NodeType, WorkflowDef};
 use super::template::{self, CONTEXT_ROOTS};
-use super::WorkflowError;
 use crate::config::{ModelProfile, Provider};
 use crate::schema::Schema;
 
@@ -41,7 +41,10 @@ pub(super) fn validate(
     let mut index = HashMap::new();
     for (i, node) in def.nodes.iter().enumerate() {
         if index.insert(node.id.as_str(), i).is_some() {
-            return Err(invalid(format!("node id \"{}\" is used twice; ids must be unique", node.id)));
+            return Err(invalid(format!(
+                "node id \"{}\" is used twice; ids must be unique",
+                node.id
+            )));
         }
     }
     for node in &def.nodes {
@@ -121,7 +124,11 @@ fn check_model(
         let known: Vec<_> = profiles.keys().map(String::as_str).collect();
         return Err(format!(
             "node \"{id}\" uses unknown model profile \"{model}\"; add [models.{model}] to dagq.toml (known: {})",
-            if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
         ));
     };
     if !provider_serves(profile.provider, node.kind) {
@@ -171,7 +178,9 @@ fn check_templates(node: &NodeDef, upstream: &BTreeSet<String>) -> Result<(), St
                 ));
             }
             if root == "nodes" {
-                let Some(other) = var.split('.').nth(1) else { continue };
+                let Some(other) = var.split('.').nth(1) else {
+                    continue;
+                };
                 if !upstream.contains(other) {
                     return Err(format!(
                         "node \"{id}\" {place} reads \"{var}\" but \"{other}\" is not upstream of \"{id}\"; add it to depends"
