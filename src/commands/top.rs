@@ -118,10 +118,10 @@ impl TopSession {
 pub async fn top(settings: &Settings, once: bool) -> Result<(), CommandError> {
     let mut session = TopSession::open(settings).await?;
     let result = if once {
-        session
-            .frame()
-            .await
-            .map(|frame| print!("{}", format_top(&frame)))
+        // A closed stdout has nothing to tell: the frame was for it.
+        session.frame().await.map(|frame| {
+            print_frame(&frame);
+        })
     } else if std::io::stdout().is_terminal() {
         live::run(&mut session).await
     } else {
@@ -133,13 +133,23 @@ pub async fn top(settings: &Settings, once: bool) -> Result<(), CommandError> {
 
 async fn print_frames(session: &mut TopSession) -> Result<(), CommandError> {
     loop {
-        println!("{}", format_top(&session.frame().await?));
-        let _ = std::io::stdout().flush();
+        if !print_frame(&session.frame().await?) {
+            return Ok(());
+        }
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return Ok(()),
             _ = tokio::time::sleep(REFRESH) => {}
         }
     }
+}
+
+/// Prints a frame and a blank line; false when stdout is closed (`dagq top | head`),
+/// which ends the view.
+fn print_frame(frame: &TopFrame) -> bool {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{}", format_top(frame))
+        .and_then(|()| stdout.flush())
+        .is_ok()
 }
 
 /// One frame as text.
