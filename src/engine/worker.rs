@@ -164,7 +164,7 @@ impl Worker {
                 }
             }
         }
-        let pool_size = self.options.concurrency.clamp(2, 16) + 2;
+        let pool_size = self.options.concurrency.clamp(2, 32) + 2;
         let store = Store::connect(&self.settings.database_url, pool_size)?;
         let health = Arc::new(Health {
             store: store.clone(),

@@ -289,6 +289,10 @@ pub(crate) async fn count_finished_dependency(
     run_id: Uuid,
     children: &[String],
 ) -> Result<Vec<(String, i32)>, StoreError> {
+    // A statement over no nodes changes nothing: skip the round trip.
+    if children.is_empty() {
+        return Ok(Vec::new());
+    }
     let stmt = client
         .prepare_cached(
             "UPDATE node_runs SET deps_left = deps_left - 1
@@ -306,6 +310,10 @@ pub(crate) async fn enqueue(
     run_id: Uuid,
     node_ids: &[String],
 ) -> Result<Vec<QueuedTask>, StoreError> {
+    // A statement over no nodes changes nothing: skip the round trip.
+    if node_ids.is_empty() {
+        return Ok(Vec::new());
+    }
     let stmt = client
         .prepare_cached(
             "WITH q AS (
@@ -332,6 +340,10 @@ pub(crate) async fn close_pending(
     state: &str,
     reason: &str,
 ) -> Result<Vec<String>, StoreError> {
+    // A statement over no nodes changes nothing: skip the round trip.
+    if node_ids.is_empty() {
+        return Ok(Vec::new());
+    }
     let stmt = client
         .prepare_cached(
             "WITH s AS (
