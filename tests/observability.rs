@@ -96,7 +96,8 @@ async fn metrics_count_the_tasks_runs_and_model_calls_that_ran() {
     .await;
     env.apply(json!({"name": "broken", "nodes": [
         {"id": "fetch", "type": "http", "retry": {"max_attempts": 2, "initial_delay": "10ms", "jitter": false},
-         "input": {"url": format!("http://{refused}/")}}
+         "input": {"url": format!("http://{refused}/")}},
+        {"id": "after", "type": "noop", "depends": ["fetch"]}
     ]}))
     .await;
     let worker = HttpWorker::start(
@@ -156,6 +157,12 @@ async fn metrics_count_the_tasks_runs_and_model_calls_that_ran() {
         (
             names::TASKS_TOTAL,
             with(&http, &[("outcome", "failed")]),
+            1.0,
+        ),
+        // Skipped nodes are settled, never delivered, and still counted.
+        (
+            names::TASKS_TOTAL,
+            vec![("queue", "noop"), ("type", "noop"), ("outcome", "skipped")],
             1.0,
         ),
         (

@@ -64,6 +64,22 @@ pub struct Settled {
     pub queued: Vec<QueuedTask>,
     /// `completed` or `failed` when this transaction closed the run.
     pub run_finished: Option<String>,
+    /// Nodes that became `skipped`.
+    pub skipped: Vec<String>,
+}
+
+impl Settled {
+    /// Counts the skipped nodes in `dagq_tasks_total`: they are settled here, never
+    /// delivered, so no worker counts them otherwise. Call after the commit.
+    pub fn count_skipped(&self, workflow: &Workflow) {
+        for node in self.skipped.iter().filter_map(|id| workflow.node(id)) {
+            metrics::counter!(crate::telemetry::TASKS_TOTAL,
+                "queue" => crate::workflow::queue_of(node),
+                "type" => node.kind.as_str(),
+                "outcome" => "skipped")
+            .increment(1);
+        }
+    }
 }
 
 /// Advances a run: `ready` nodes are queued (or skipped when their `when` is false), and
@@ -105,6 +121,7 @@ pub async fn settle(
                 "when condition is false",
             )
             .await?;
+            settled.skipped.extend(skipped.iter().cloned());
             finished.extend(skipped.into_iter().map(|id| (id, Finished::Skipped)));
             for (id, error) in broken {
                 let reason = format!("when condition cannot be evaluated: {error}");
@@ -148,6 +165,7 @@ pub async fn settle(
             let skipped =
                 store::nodes::close_pending(client, run.run_id, &[child], "skipped", &reason)
                     .await?;
+            settled.skipped.extend(skipped.iter().cloned());
             finished.extend(skipped.into_iter().map(|id| (id, Finished::Skipped)));
         }
     }

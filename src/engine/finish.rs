@@ -109,6 +109,7 @@ impl Engine {
             // if it was the last, and leave the rest for an operator.
             None => Settled {
                 queued: Vec::new(),
+                skipped: Vec::new(),
                 run_finished: store::nodes::count_finished_nodes(tx, run.run_id, 1, 1).await?,
             },
         };
@@ -131,6 +132,7 @@ impl Engine {
         };
         if let Some(workflow) = workflow {
             self.publish_tasks(workflow, run, &settled.queued).await?;
+            settled.count_skipped(workflow);
         }
         if let Err(error) = result {
             let error = error.to_string();

@@ -89,6 +89,7 @@ impl Engine {
         let settled = settle(&tx, &workflow, &run, ready, Vec::new()).await?;
         tx.commit().await.map_err(StoreError::from)?;
         self.publish_tasks(&workflow, &run, &settled.queued).await?;
+        settled.count_skipped(&workflow);
         tracing::info!(run = %run_id, nodes = reset.len(), "run retried by an operator");
         Ok(reset.len())
     }

@@ -153,6 +153,7 @@ impl Engine {
                 tx.commit().await.map_err(store::StoreError::from)?;
                 tracing::info!(run = %run.run_id, workflow = %run.workflow, version = run.version, "run started");
                 self.publish_tasks(workflow, &run, &settled.queued).await?;
+                settled.count_skipped(workflow);
                 if let Some(state) = settled.run_finished {
                     self.record_run_finished(&run, &state);
                 }
