@@ -8,7 +8,7 @@ use serde_json::Value;
 use super::dag::{Finished, Settled, settle};
 use super::retry::next_delay;
 use super::{Engine, EngineError, Handled, TaskMessage};
-use crate::adapter::AdapterError;
+use crate::adapter::{AdapterError, ModelCall};
 use crate::broker::{DeadLetter, Topology};
 use crate::store::{self, RunContext, StoreError};
 use crate::telemetry;
@@ -27,6 +27,7 @@ impl Engine {
         run: &RunContext,
         workflow: Option<&Workflow>,
         result: Result<Value, AdapterError>,
+        calls: &[ModelCall],
         started: Instant,
     ) -> Result<Handled, EngineError> {
         let node = workflow.and_then(|w| w.node(&message.node_id));
@@ -39,7 +40,7 @@ impl Engine {
         ) = (&result, workflow)
         {
             return self
-                .defer(message, fence, run, workflow, profile, *retry_after)
+                .defer(message, fence, run, workflow, profile, *retry_after, calls)
                 .await;
         }
         if let Err(error) = &result {
@@ -48,13 +49,14 @@ impl Engine {
                 (workflow, next_delay(&policy, message.attempt, error))
             {
                 return self
-                    .retry_later(message, fence, run, workflow, error, delay)
+                    .retry_later(message, fence, run, workflow, error, delay, calls)
                     .await;
             }
         }
         let settled = with_commit_retries(|| async {
             let mut client = self.store.client().await?;
             let tx = client.transaction().await?;
+            record_calls_in(&tx, message, calls).await?;
             let settled = self
                 .finish_in(&tx, message, fence, run, workflow, &result)
                 .await?;
@@ -62,6 +64,7 @@ impl Engine {
             Ok(settled)
         })
         .await?;
+        self.count_calls(calls);
         self.after_finish(message, run, workflow, settled, &result, started)
             .await
     }
@@ -165,22 +168,28 @@ impl Engine {
         workflow: &Workflow,
         error: &AdapterError,
         delay: Duration,
+        calls: &[ModelCall],
     ) -> Result<Handled, EngineError> {
         let retry_at = chrono::Utc::now() + delay;
         let text = error.to_string();
         let fenced_in = with_commit_retries(|| async {
-            let client = self.store.client().await?;
-            store::nodes::schedule_retry(
-                &client,
+            let mut client = self.store.client().await?;
+            let tx = client.transaction().await?;
+            record_calls_in(&tx, message, calls).await?;
+            let fenced_in = store::nodes::schedule_retry(
+                &tx,
                 message.run_id,
                 &message.node_id,
                 fence,
                 &text,
                 retry_at,
             )
-            .await
+            .await?;
+            tx.commit().await?;
+            Ok(fenced_in)
         })
         .await?;
+        self.count_calls(calls);
         if !fenced_in {
             return Ok(fenced(message));
         }
@@ -201,13 +210,21 @@ impl Engine {
         workflow: &Workflow,
         profile: &str,
         delay: Duration,
+        calls: &[ModelCall],
     ) -> Result<Handled, EngineError> {
         let reason = format!("deferred: circuit breaker of profile \"{profile}\" is open");
         let released = with_commit_retries(|| async {
-            let client = self.store.client().await?;
-            store::nodes::release(&client, message.run_id, &message.node_id, fence, &reason).await
+            let mut client = self.store.client().await?;
+            let tx = client.transaction().await?;
+            record_calls_in(&tx, message, calls).await?;
+            let released =
+                store::nodes::release(&tx, message.run_id, &message.node_id, fence, &reason)
+                    .await?;
+            tx.commit().await?;
+            Ok(released)
         })
         .await?;
+        self.count_calls(calls);
         if !released {
             return Ok(fenced(message));
         }
@@ -217,6 +234,23 @@ impl Engine {
             wait = ?delay, "deferred: breaker open");
         Ok(Handled::Done("deferred"))
     }
+}
+
+/// Writes the audit rows of an attempt's calls in the transaction that records its
+/// outcome: a call is recorded even when its result is dropped (stale fence).
+async fn record_calls_in(
+    tx: &deadpool_postgres::Transaction<'_>,
+    message: &TaskMessage,
+    calls: &[ModelCall],
+) -> Result<(), StoreError> {
+    store::model_calls::insert_model_calls(
+        tx,
+        message.run_id,
+        &message.node_id,
+        message.attempt,
+        calls,
+    )
+    .await
 }
 
 /// Runs a database step, retrying it in-process on deadlocks and lost connections.

@@ -82,13 +82,22 @@ impl Engine {
                     &run,
                     None,
                     Err(AdapterError::Config(error)),
+                    &[],
                     started,
                 )
                 .await;
         };
-        let result = self.execute(&workflow, &run, message).await?;
-        self.finish(message, fence, &run, Some(&workflow), result, started)
-            .await
+        let (result, calls) = self.execute(&workflow, &run, message).await?;
+        self.finish(
+            message,
+            fence,
+            &run,
+            Some(&workflow),
+            result,
+            &calls,
+            started,
+        )
+        .await
     }
 
     /// Built-in nodes (`noop`, `transform`) call nothing outside: they are claimed,
@@ -134,6 +143,7 @@ impl Engine {
                     &run,
                     workflow.as_deref(),
                     Err(AdapterError::Config(error)),
+                    &[],
                     started,
                 )
                 .await;
@@ -141,9 +151,17 @@ impl Engine {
         if !is_builtin(node.kind.as_str()) {
             tx.commit().await.map_err(store::StoreError::from)?;
             drop(client);
-            let result = self.execute(workflow, &run, message).await?;
+            let (result, calls) = self.execute(workflow, &run, message).await?;
             return self
-                .finish(message, fence, &run, Some(workflow), result, started)
+                .finish(
+                    message,
+                    fence,
+                    &run,
+                    Some(workflow),
+                    result,
+                    &calls,
+                    started,
+                )
                 .await;
         }
         let input = if self.adapters.reads_input(node) {
@@ -212,17 +230,19 @@ impl Engine {
     }
 
     /// Renders the node's input and calls its adapter, within the node's timeout.
+    /// Returns the result and the calls made, which the finishing transaction records.
     async fn execute(
         &self,
         workflow: &Workflow,
         run: &RunContext,
         message: &TaskMessage,
-    ) -> Result<Result<Value, AdapterError>, EngineError> {
+    ) -> Result<(Result<Value, AdapterError>, Vec<ModelCall>), EngineError> {
         let Some(node) = workflow.node(&message.node_id) else {
-            return Ok(Err(AdapterError::InvalidInput(format!(
+            let error = AdapterError::InvalidInput(format!(
                 "workflow \"{}\" version {} has no node \"{}\"",
                 run.workflow, run.version, message.node_id
-            ))));
+            ));
+            return Ok((Err(error), Vec::new()));
         };
         let input = if self.adapters.reads_input(node) {
             let client = self.store.client().await?;
@@ -231,9 +251,8 @@ impl Engine {
             match template::render_value(&node.input, &context) {
                 Ok(input) => input,
                 Err(e) => {
-                    return Ok(Err(AdapterError::InvalidInput(format!(
-                        "input template: {e}"
-                    ))));
+                    let error = AdapterError::InvalidInput(format!("input template: {e}"));
+                    return Ok((Err(error), Vec::new()));
                 }
             }
         } else {
@@ -252,22 +271,14 @@ impl Engine {
         let outcome = match tokio::time::timeout(timeout + BACKSTOP, self.adapters.run(&call)).await
         {
             Ok(outcome) => outcome,
-            Err(_) => return Ok(Err(AdapterError::Timeout(timeout))),
+            Err(_) => return Ok((Err(AdapterError::Timeout(timeout)), Vec::new())),
         };
-        self.record_calls(message, &outcome.calls).await?;
         self.on_breaker_events(&outcome.breaker_events).await;
-        Ok(outcome.result)
+        Ok((outcome.result, outcome.calls))
     }
 
-    /// Writes the audit rows of the calls an attempt made and counts them in metrics.
-    async fn record_calls(
-        &self,
-        message: &TaskMessage,
-        calls: &[ModelCall],
-    ) -> Result<(), EngineError> {
-        self.store
-            .record_model_calls(message.run_id, &message.node_id, message.attempt, calls)
-            .await?;
+    /// Counts the calls an attempt made, once their audit rows are committed.
+    pub(super) fn count_calls(&self, calls: &[ModelCall]) {
         for call in calls {
             let (profile, provider) = (call.profile.clone(), call.provider);
             metrics::counter!(telemetry::MODEL_CALLS_TOTAL, "profile" => profile.clone(), "provider" => provider, "status" => call.status.clone())
@@ -279,7 +290,6 @@ impl Engine {
             metrics::counter!(telemetry::MODEL_TOKENS_TOTAL, "profile" => profile, "kind" => "completion")
                 .increment(call.usage.completion_tokens.max(0) as u64);
         }
-        Ok(())
     }
 
     /// Counts a finished run in the metrics.

@@ -4,7 +4,7 @@ mod backlog;
 pub(crate) mod control;
 mod dead_letters;
 mod migrate;
-mod model_calls;
+pub(crate) mod model_calls;
 pub(crate) mod nodes;
 pub(crate) mod runs;
 mod workflows;
