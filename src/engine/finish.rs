@@ -20,6 +20,8 @@ const COMMIT_ATTEMPTS: u32 = 3;
 
 impl Engine {
     /// Records the outcome of an attempt and publishes its follow-ups.
+    // The attempt (message, fence, run) and its result travel together here.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn finish(
         &self,
         message: &TaskMessage,
@@ -160,6 +162,8 @@ impl Engine {
 
     /// `running → retrying`, then the next attempt's message into the retry tier that
     /// holds it for `delay`. No worker sleeps meanwhile.
+    // The attempt (message, fence, run) and its result travel together here.
+    #[allow(clippy::too_many_arguments)]
     async fn retry_later(
         &self,
         message: &TaskMessage,
@@ -202,6 +206,8 @@ impl Engine {
 
     /// Puts the node back to `queued` without using up its attempt and sends the task
     /// around a retry tier: its profile's breaker is open and no fallback took it.
+    // The attempt (message, fence, run) and its result travel together here.
+    #[allow(clippy::too_many_arguments)]
     async fn defer(
         &self,
         message: &TaskMessage,
