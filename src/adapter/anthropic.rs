@@ -1,7 +1,7 @@
 //! Anthropic's messages API: its own headers (`x-api-key`, `anthropic-version`), a
 //! top-level `system`, a required `max_tokens`, and content blocks in the answer.
 
-use reqwest::header::HeaderValue;
+use reqwest::header::{HeaderName, HeaderValue};
 use reqwest::{Client, Method};
 use serde_json::{Map, Value, json};
 
@@ -107,53 +107,34 @@ impl Adapter for Anthropic {
         call: &Call<'_>,
     ) -> (Exchange, Result<Value, AdapterError>) {
         let mut exchange = Exchange::default();
-        let body = match self.request_body(kind, &call.input) {
-            Ok(body) => body,
-            Err(e) => return (exchange, Err(e)),
-        };
+        let result = self.exchange(kind, call, &mut exchange).await;
+        (exchange, result)
+    }
+}
+
+impl Anthropic {
+    async fn exchange(
+        &self,
+        kind: NodeType,
+        call: &Call<'_>,
+        exchange: &mut Exchange,
+    ) -> Result<Value, AdapterError> {
+        let body = self.request_body(kind, &call.input)?;
         exchange.request = body.clone();
-        let mut headers =
-            match http_call::base_headers(Some(&self.profile), &call.idempotency_key()) {
-                Ok(headers) => headers,
-                Err(e) => return (exchange, Err(e)),
-            };
+        let mut headers = http_call::base_headers(Some(&self.profile), &call.idempotency_key())?;
         headers.insert("anthropic-version", HeaderValue::from_static(API_VERSION));
-        match http_call::api_key(&self.profile, call.node.model.as_deref().unwrap_or("?")) {
-            Ok(Some(key)) => match HeaderValue::from_str(&key) {
-                Ok(mut value) => {
-                    value.set_sensitive(true);
-                    headers.insert("x-api-key", value);
-                }
-                Err(_) => {
-                    return (
-                        exchange,
-                        Err(AdapterError::Config(
-                            "the API key is not a valid header value".into(),
-                        )),
-                    );
-                }
-            },
-            Ok(None) => {}
-            Err(e) => return (exchange, Err(e)),
-        }
+        let label = call.node.model.as_deref().unwrap_or("?");
+        let key_header = HeaderName::from_static("x-api-key");
+        http_call::insert_key(&mut headers, &self.profile, label, key_header, "")?;
         let base = self.profile.base_url.as_deref().unwrap_or_default();
-        let response = http_call::send(
-            &self.client,
-            JsonRequest {
-                method: Method::POST,
-                url: http_call::join_url(base, "v1/messages"),
-                headers,
-                body: Some(body),
-                timeout: call.time_left(self.profile.timeout),
-            },
-        )
-        .await;
-        exchange.http_status = response.status;
-        exchange.response = response.body.clone();
-        if let Err(e) = response.result {
-            return (exchange, Err(e));
-        }
-        let body = response.body.unwrap_or(Value::Null);
+        let request = JsonRequest {
+            method: Method::POST,
+            url: http_call::join_url(base, "v1/messages"),
+            headers,
+            body: Some(body),
+            timeout: call.time_left(self.profile.timeout),
+        };
+        let body = http_call::send_recorded(&self.client, request, exchange).await?;
         let tokens = |key: &str| {
             body.pointer(&format!("/usage/{key}"))
                 .and_then(Value::as_i64)
@@ -166,12 +147,9 @@ impl Adapter for Anthropic {
         exchange.model = body.get("model").and_then(Value::as_str).map(str::to_owned);
         let Some(blocks) = body.get("content").and_then(Value::as_array) else {
             let text: String = body.to_string().chars().take(300).collect();
-            return (
-                exchange,
-                Err(AdapterError::InvalidResponse(format!(
-                    "the answer has no content: {text}"
-                ))),
-            );
+            return Err(AdapterError::InvalidResponse(format!(
+                "the answer has no content: {text}"
+            )));
         };
         let text: String = blocks
             .iter()
@@ -179,12 +157,11 @@ impl Adapter for Anthropic {
             .filter_map(|b| b.get("text").and_then(Value::as_str))
             .collect();
         let usage = exchange.usage;
-        let output = json!({
+        Ok(json!({
             "text": text,
             "finish_reason": body.get("stop_reason").cloned().unwrap_or(Value::Null),
             "model": body.get("model").cloned().unwrap_or(Value::Null),
             "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens},
-        });
-        (exchange, Ok(output))
+        }))
     }
 }

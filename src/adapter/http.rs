@@ -2,7 +2,7 @@
 //! gives `url`, optional `method`, `headers` and `body`; a profile with provider `http`
 //! adds a base URL, headers and a bearer key.
 
-use reqwest::header::{AUTHORIZATION, HeaderValue};
+use reqwest::header::AUTHORIZATION;
 use reqwest::{Client, Method};
 use serde_json::{Value, json};
 
@@ -74,18 +74,9 @@ impl HttpAdapter {
                 http_call::insert_header(&mut headers, name, value)?;
             }
         }
-        let key = match &self.profile {
-            Some(profile) => {
-                http_call::api_key(profile, call.node.model.as_deref().unwrap_or("?"))?
-            }
-            None => None,
-        };
-        if let Some(key) = key {
-            let mut value = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
-                AdapterError::Config("the API key is not a valid header value".into())
-            })?;
-            value.set_sensitive(true);
-            headers.insert(AUTHORIZATION, value);
+        if let Some(profile) = &self.profile {
+            let label = call.node.model.as_deref().unwrap_or("?");
+            http_call::insert_key(&mut headers, profile, label, AUTHORIZATION, "Bearer ")?;
         }
         Ok(JsonRequest {
             method,
@@ -104,27 +95,28 @@ impl Adapter for HttpAdapter {
         call: &Call<'_>,
     ) -> (Exchange, Result<Value, AdapterError>) {
         let mut exchange = Exchange::default();
+        let result = self.exchange(kind, call, &mut exchange).await;
+        (exchange, result)
+    }
+}
+
+impl HttpAdapter {
+    async fn exchange(
+        &self,
+        kind: NodeType,
+        call: &Call<'_>,
+        exchange: &mut Exchange,
+    ) -> Result<Value, AdapterError> {
         if kind != NodeType::Http {
-            return (
-                exchange,
-                Err(AdapterError::Unsupported(format!(
-                    "provider http does not serve node type {}",
-                    kind.as_str()
-                ))),
-            );
+            return Err(AdapterError::Unsupported(format!(
+                "provider http does not serve node type {}",
+                kind.as_str()
+            )));
         }
-        let request = match self.request(call) {
-            Ok(request) => request,
-            Err(e) => return (exchange, Err(e)),
-        };
+        let request = self.request(call)?;
         exchange.request =
             json!({"method": request.method.as_str(), "url": request.url, "body": request.body});
-        let response = http_call::send(&self.client, request).await;
-        exchange.http_status = response.status;
-        exchange.response = response.body.clone();
-        let output = response.result.map(
-            |()| json!({"status": response.status, "body": response.body.unwrap_or(Value::Null)}),
-        );
-        (exchange, output)
+        let body = http_call::send_recorded(&self.client, request, exchange).await?;
+        Ok(json!({"status": exchange.http_status, "body": body}))
     }
 }

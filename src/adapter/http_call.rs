@@ -8,7 +8,7 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use reqwest::{Client, Method};
 use serde_json::Value;
 
-use super::AdapterError;
+use super::{AdapterError, Exchange};
 use crate::config::ModelProfile;
 
 /// The HTTP client every adapter shares, so that connections are pooled per host.
@@ -192,6 +192,39 @@ pub(super) fn api_key(
             "environment variable {var} (api_key_env of profile {profile_label}) is not set"
         ))),
     }
+}
+
+/// Adds the profile's API key, when it names one, as header `name` with `prefix`
+/// (e.g. `Bearer `), marked sensitive so that it never reaches logs.
+pub(super) fn insert_key(
+    headers: &mut HeaderMap,
+    profile: &ModelProfile,
+    profile_label: &str,
+    name: HeaderName,
+    prefix: &str,
+) -> Result<(), AdapterError> {
+    let Some(key) = api_key(profile, profile_label)? else {
+        return Ok(());
+    };
+    let mut value = HeaderValue::from_str(&format!("{prefix}{key}"))
+        .map_err(|_| AdapterError::Config("the API key is not a valid header value".into()))?;
+    value.set_sensitive(true);
+    headers.insert(name, value);
+    Ok(())
+}
+
+/// Sends the request, noting the status and body in `exchange` for the audit log;
+/// returns the answer's body when the status is a success.
+pub(super) async fn send_recorded(
+    client: &Client,
+    request: JsonRequest,
+    exchange: &mut Exchange,
+) -> Result<Value, AdapterError> {
+    let response = send(client, request).await;
+    exchange.http_status = response.status;
+    exchange.response = response.body.clone();
+    response.result?;
+    Ok(response.body.unwrap_or(Value::Null))
 }
 
 /// `base` and `path` joined with exactly one slash.

@@ -2,7 +2,7 @@
 //! OpenAI-compatible server (vLLM, Ollama, llama.cpp, DeepSeek, Qwen, …) speaks it at its
 //! own `base_url`.
 
-use reqwest::header::{AUTHORIZATION, HeaderValue};
+use reqwest::header::AUTHORIZATION;
 use reqwest::{Client, Method};
 use serde_json::{Map, Value, json};
 
@@ -94,56 +94,35 @@ impl Adapter for OpenAi {
         call: &Call<'_>,
     ) -> (Exchange, Result<Value, AdapterError>) {
         let mut exchange = Exchange::default();
-        let (path, body) = match self.request_body(kind, &call.input) {
-            Ok(built) => built,
-            Err(e) => return (exchange, Err(e)),
-        };
+        let result = self.exchange(kind, call, &mut exchange).await;
+        (exchange, result)
+    }
+}
+
+impl OpenAi {
+    async fn exchange(
+        &self,
+        kind: NodeType,
+        call: &Call<'_>,
+        exchange: &mut Exchange,
+    ) -> Result<Value, AdapterError> {
+        let (path, body) = self.request_body(kind, &call.input)?;
         exchange.request = body.clone();
-        let mut headers =
-            match http_call::base_headers(Some(&self.profile), &call.idempotency_key()) {
-                Ok(headers) => headers,
-                Err(e) => return (exchange, Err(e)),
-            };
-        match http_call::api_key(&self.profile, call.node.model.as_deref().unwrap_or("?")) {
-            Ok(Some(key)) => match HeaderValue::from_str(&format!("Bearer {key}")) {
-                Ok(mut value) => {
-                    value.set_sensitive(true);
-                    headers.insert(AUTHORIZATION, value);
-                }
-                Err(_) => {
-                    return (
-                        exchange,
-                        Err(AdapterError::Config(
-                            "the API key is not a valid header value".into(),
-                        )),
-                    );
-                }
-            },
-            Ok(None) => {}
-            Err(e) => return (exchange, Err(e)),
-        }
+        let mut headers = http_call::base_headers(Some(&self.profile), &call.idempotency_key())?;
+        let label = call.node.model.as_deref().unwrap_or("?");
+        http_call::insert_key(&mut headers, &self.profile, label, AUTHORIZATION, "Bearer ")?;
         let base = self.profile.base_url.as_deref().unwrap_or_default();
-        let response = http_call::send(
-            &self.client,
-            JsonRequest {
-                method: Method::POST,
-                url: http_call::join_url(base, path),
-                headers,
-                body: Some(body),
-                timeout: call.time_left(self.profile.timeout),
-            },
-        )
-        .await;
-        exchange.http_status = response.status;
-        exchange.response = response.body.clone();
-        if let Err(e) = response.result {
-            return (exchange, Err(e));
-        }
-        let body = response.body.unwrap_or(Value::Null);
+        let request = JsonRequest {
+            method: Method::POST,
+            url: http_call::join_url(base, path),
+            headers,
+            body: Some(body),
+            timeout: call.time_left(self.profile.timeout),
+        };
+        let body = http_call::send_recorded(&self.client, request, exchange).await?;
         exchange.usage = usage(&body);
         exchange.model = body.get("model").and_then(Value::as_str).map(str::to_owned);
-        let output = parse_output(kind, &body, exchange.usage);
-        (exchange, output)
+        parse_output(kind, &body, exchange.usage)
     }
 }
 
