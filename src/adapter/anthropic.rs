@@ -105,18 +105,6 @@ impl Adapter for Anthropic {
         &self,
         kind: NodeType,
         call: &Call<'_>,
-    ) -> (Exchange, Result<Value, AdapterError>) {
-        let mut exchange = Exchange::default();
-        let result = self.exchange(kind, call, &mut exchange).await;
-        (exchange, result)
-    }
-}
-
-impl Anthropic {
-    async fn exchange(
-        &self,
-        kind: NodeType,
-        call: &Call<'_>,
         exchange: &mut Exchange,
     ) -> Result<Value, AdapterError> {
         let body = self.request_body(kind, &call.input)?;

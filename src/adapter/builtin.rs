@@ -1,4 +1,4 @@
-//! Built-in adapters that need no provider.
+//! Built-in adapters that need no provider: nothing goes over the wire.
 
 use serde_json::Value;
 
@@ -14,8 +14,9 @@ impl Adapter for Noop {
         &self,
         _kind: NodeType,
         _call: &Call<'_>,
-    ) -> (Exchange, Result<Value, AdapterError>) {
-        (Exchange::default(), Ok(Value::Object(Default::default())))
+        _exchange: &mut Exchange,
+    ) -> Result<Value, AdapterError> {
+        Ok(Value::Object(Default::default()))
     }
 }
 
@@ -28,7 +29,8 @@ impl Adapter for Transform {
         &self,
         _kind: NodeType,
         call: &Call<'_>,
-    ) -> (Exchange, Result<Value, AdapterError>) {
-        (Exchange::default(), Ok(call.input.clone()))
+        _exchange: &mut Exchange,
+    ) -> Result<Value, AdapterError> {
+        Ok(call.input.clone())
     }
 }

@@ -93,18 +93,6 @@ impl Adapter for HttpAdapter {
         &self,
         kind: NodeType,
         call: &Call<'_>,
-    ) -> (Exchange, Result<Value, AdapterError>) {
-        let mut exchange = Exchange::default();
-        let result = self.exchange(kind, call, &mut exchange).await;
-        (exchange, result)
-    }
-}
-
-impl HttpAdapter {
-    async fn exchange(
-        &self,
-        kind: NodeType,
-        call: &Call<'_>,
         exchange: &mut Exchange,
     ) -> Result<Value, AdapterError> {
         if kind != NodeType::Http {

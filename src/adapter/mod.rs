@@ -209,14 +209,16 @@ pub struct Outcome {
     pub breaker_events: Vec<BreakerEvent>,
 }
 
-/// What every provider implements: perform one call of a node type.
+/// What every provider implements: perform one call of a node type, noting what went
+/// over the wire in `exchange` whether or not the call succeeds.
 pub trait Adapter {
-    /// Performs the call; the exchange is returned whether or not it succeeded.
+    /// Performs the call and returns the node's output.
     fn call(
         &self,
         kind: NodeType,
         call: &Call<'_>,
-    ) -> impl Future<Output = (Exchange, Result<Value, AdapterError>)> + Send;
+        exchange: &mut Exchange,
+    ) -> impl Future<Output = Result<Value, AdapterError>> + Send;
 }
 
 /// The closed set of adapters.
@@ -240,13 +242,15 @@ impl AdapterKind {
         kind: NodeType,
         call: &Call<'_>,
     ) -> (Exchange, Result<Value, AdapterError>) {
-        match self {
-            AdapterKind::Noop(a) => a.call(kind, call).await,
-            AdapterKind::Transform(a) => a.call(kind, call).await,
-            AdapterKind::OpenAi(a) => a.call(kind, call).await,
-            AdapterKind::Anthropic(a) => a.call(kind, call).await,
-            AdapterKind::Http(a) => a.call(kind, call).await,
-        }
+        let mut exchange = Exchange::default();
+        let result = match self {
+            AdapterKind::Noop(a) => a.call(kind, call, &mut exchange).await,
+            AdapterKind::Transform(a) => a.call(kind, call, &mut exchange).await,
+            AdapterKind::OpenAi(a) => a.call(kind, call, &mut exchange).await,
+            AdapterKind::Anthropic(a) => a.call(kind, call, &mut exchange).await,
+            AdapterKind::Http(a) => a.call(kind, call, &mut exchange).await,
+        };
+        (exchange, result)
     }
 }
 
@@ -261,7 +265,7 @@ struct Profile {
 #[derive(Debug, Clone)]
 pub struct Registry {
     profiles: BTreeMap<String, Profile>,
-    plain_http: HttpAdapter,
+    plain_http: AdapterKind,
     breakers: Option<Breakers>,
 }
 
@@ -301,7 +305,7 @@ impl Registry {
             .collect();
         Registry {
             profiles,
-            plain_http: HttpAdapter::new(client, None),
+            plain_http: AdapterKind::Http(HttpAdapter::new(client, None)),
             breakers: None,
         }
     }
@@ -331,8 +335,17 @@ impl Registry {
     pub async fn run(&self, call: &Call<'_>) -> Outcome {
         let node = call.node;
         match (node.kind, &node.model) {
-            (NodeType::Noop, _) => return plain(Noop.call(node.kind, call).await.1),
-            (NodeType::Transform, _) => return plain(Transform.call(node.kind, call).await.1),
+            (NodeType::Noop, _) => {
+                return plain(AdapterKind::Noop(Noop).call(node.kind, call).await.1);
+            }
+            (NodeType::Transform, _) => {
+                return plain(
+                    AdapterKind::Transform(Transform)
+                        .call(node.kind, call)
+                        .await
+                        .1,
+                );
+            }
             (NodeType::Http, None) => {
                 let started = Instant::now();
                 let (exchange, result) = self.plain_http.call(node.kind, call).await;

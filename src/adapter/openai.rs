@@ -92,18 +92,6 @@ impl Adapter for OpenAi {
         &self,
         kind: NodeType,
         call: &Call<'_>,
-    ) -> (Exchange, Result<Value, AdapterError>) {
-        let mut exchange = Exchange::default();
-        let result = self.exchange(kind, call, &mut exchange).await;
-        (exchange, result)
-    }
-}
-
-impl OpenAi {
-    async fn exchange(
-        &self,
-        kind: NodeType,
-        call: &Call<'_>,
         exchange: &mut Exchange,
     ) -> Result<Value, AdapterError> {
         let (path, body) = self.request_body(kind, &call.input)?;
