@@ -155,6 +155,16 @@ fn content_text(content: &Value) -> String {
     }
 }
 
+/// Text of the last message with role `user`: what the mock answers.
+fn last_user_text(messages: &[Value]) -> String {
+    messages
+        .iter()
+        .rev()
+        .find(|m| m["role"] == "user")
+        .map(|m| content_text(&m["content"]))
+        .unwrap_or_default()
+}
+
 /// The deterministic answer to a prompt: it flags prompts that look dangerous, so that
 /// workflows can branch on it, and otherwise summarises.
 fn reply_to(prompt: &str) -> String {
@@ -220,12 +230,7 @@ async fn chat(
         .iter()
         .map(|m| content_text(&m["content"]))
         .collect();
-    let last_user = messages
-        .iter()
-        .rev()
-        .find(|m| m["role"] == "user")
-        .map(|m| content_text(&m["content"]))
-        .unwrap_or_default();
+    let last_user = last_user_text(messages);
     let text = reply_to(&last_user);
     axum::Json(json!({
         "id": id_of(&body, "chatcmpl"),
@@ -364,12 +369,7 @@ async fn messages(
     if let Some(system) = body.get("system") {
         prompt.push(content_text(system));
     }
-    let last_user = messages
-        .iter()
-        .rev()
-        .find(|m| m["role"] == "user")
-        .map(|m| content_text(&m["content"]))
-        .unwrap_or_default();
+    let last_user = last_user_text(messages);
     let text = reply_to(&last_user);
     axum::Json(json!({
         "id": id_of(&body, "msg"),
