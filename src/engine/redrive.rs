@@ -55,4 +55,37 @@ impl Engine {
         }
         Ok(())
     }
+
+    /// Republishes the next attempt of nodes whose retry is overdue by more than
+    /// `grace`: their delayed message was lost. A message that was only late becomes a
+    /// duplicate, which the claim ignores. Returns how many were republished.
+    pub async fn republish_overdue_retries(&self, grace: Duration) -> Result<usize, EngineError> {
+        let mut client = self.store.client().await?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(crate::store::StoreError::from)?;
+        let overdue = store::nodes::take_overdue_retries(&tx, grace, 500).await?;
+        tx.commit().await.map_err(crate::store::StoreError::from)?;
+        for (run_id, task) in &overdue {
+            let run = store::nodes::run_context(&client, *run_id).await?;
+            let Some(workflow) = self.workflow(&run.workflow, run.version).await? else {
+                continue;
+            };
+            let message = super::TaskMessage {
+                run_id: *run_id,
+                node_id: task.node_id.clone(),
+                attempt: task.attempt,
+                workflow: Some(run.workflow.clone()),
+                version: Some(run.version),
+                queue: Some(task.queue.clone()),
+                kind: Some(task.kind.clone()),
+            };
+            tracing::warn!(run = %run_id, node = %task.node_id, attempt = task.attempt + 1,
+                "a retry was overdue (its delayed message was lost); republishing it");
+            self.publish_delayed(&workflow, &run, &message, task.attempt + 1, Duration::ZERO)
+                .await?;
+        }
+        Ok(overdue.len())
+    }
 }

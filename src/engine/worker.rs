@@ -47,6 +47,9 @@ pub struct WorkerOptions {
     pub queue_refresh: Duration,
     /// How often the elected worker polls the backlog (only workers serving HTTP run).
     pub backlog_interval: Duration,
+    /// A retry overdue by this much lost its delayed message and is republished; the
+    /// sweep for them runs at a tenth of this interval.
+    pub lost_retry_grace: Duration,
 }
 
 impl Default for WorkerOptions {
@@ -59,6 +62,7 @@ impl Default for WorkerOptions {
             grace: Duration::from_secs(30),
             queue_refresh: Duration::from_secs(2),
             backlog_interval: Duration::from_secs(5),
+            lost_retry_grace: Duration::from_secs(120),
         }
     }
 }
@@ -284,6 +288,11 @@ impl Worker {
         let mut served: BTreeMap<String, TaskConsumer> = BTreeMap::new();
         health.broker_up.store(true, Ordering::Relaxed);
         tracing::info!(namespace = %topology.namespace(), "connected to RabbitMQ");
+        tokio::spawn(sweep_lost_retries(
+            consuming.engine.clone(),
+            self.options.lost_retry_grace,
+            consuming.stop.clone(),
+        ));
         let mut refresh = tokio::time::interval(self.options.queue_refresh);
         let outcome = loop {
             tokio::select! {
@@ -480,6 +489,21 @@ async fn consume(
             }
             .instrument(span),
         );
+    }
+}
+
+/// Periodically republishes retries whose delayed message was lost, until `stop`.
+async fn sweep_lost_retries(engine: Engine, grace: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(grace / 10);
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = engine.republish_overdue_retries(grace).await {
+            tracing::warn!(error = %e, "cannot sweep for lost retries; trying again later");
+        }
     }
 }
 

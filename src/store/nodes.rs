@@ -266,6 +266,45 @@ pub(crate) async fn release(
     Ok(!rows.is_empty())
 }
 
+/// Nodes still `retrying` more than `grace` after they were due: their delayed message
+/// was lost (a classic queue's dead-lettering is at-most-once when the broker crashes at
+/// the moment of expiry). Each returned node's due time moves `grace` ahead, so that the
+/// next sweep leaves it alone while its republished message waits in a backlog. The
+/// advisory lock lets one worker sweep at a time; the others get nothing.
+pub(crate) async fn take_overdue_retries(
+    client: &impl GenericClient,
+    grace: std::time::Duration,
+    limit: i64,
+) -> Result<Vec<(Uuid, QueuedTask)>, StoreError> {
+    let rows = client
+        .query(
+            "WITH due AS (
+                 SELECT run_id, node_id FROM node_runs
+                 WHERE state = 'retrying'
+                   AND retry_at < now() - make_interval(secs => $1)
+                   AND pg_try_advisory_xact_lock(7221640113)
+                 LIMIT $2 FOR UPDATE SKIP LOCKED
+             )
+             UPDATE node_runs n SET retry_at = now() + make_interval(secs => $1)
+             FROM due WHERE n.run_id = due.run_id AND n.node_id = due.node_id
+             RETURNING n.run_id, n.node_id, n.attempt, n.queue, n.type",
+            &[&grace.as_secs_f64(), &limit],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let task = QueuedTask {
+                node_id: r.get(1),
+                attempt: r.get(2),
+                queue: r.get(3),
+                kind: r.get(4),
+            };
+            (r.get(0), task)
+        })
+        .collect())
+}
+
 /// When a node waiting in `retrying` is due, if it is.
 pub(crate) async fn retry_due(
     client: &impl GenericClient,
