@@ -123,6 +123,17 @@ impl Engine {
             redelivered,
         )
         .await?;
+        if let Claim::NotClaimable { .. } = claim {
+            // Re-driving takes a connection of its own: give this one back first, so
+            // that many redeliveries at once cannot starve the pool.
+            drop(tx);
+            drop(client);
+            return match self.claimed(message, redelivered, claim).await? {
+                Err(handled) => Ok(handled),
+                // Only a claimed node yields a fence, and this claim is not one.
+                Ok(_) => Ok(Handled::Done("duplicate")),
+            };
+        }
         let (fence, run) = match self.claimed(message, redelivered, claim).await? {
             Ok(claimed) => claimed,
             Err(handled) => return Ok(handled),
