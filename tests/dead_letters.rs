@@ -8,7 +8,7 @@ mod support;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{TestEnv, eventually, node};
+use common::{TestEnv, eventually, model_call_statuses, node};
 use serde_json::{Value, json};
 use support::{
     Reply, ask_workflow as ask, chat_reply, hits, json_reply, retry_policy as policy, run_dagq,
@@ -17,20 +17,6 @@ use support::{
 use uuid::Uuid;
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// (attempt, status) of a run's model calls, in order.
-async fn calls(env: &TestEnv, run: Uuid) -> Vec<(i32, String)> {
-    let rows = env
-        .sql()
-        .await
-        .query(
-            "SELECT attempt, status FROM model_calls WHERE run_id = $1 ORDER BY id",
-            &[&run],
-        )
-        .await
-        .unwrap();
-    rows.iter().map(|r| (r.get(0), r.get(1))).collect()
-}
 
 async fn run_state(env: &TestEnv, run: Uuid) -> String {
     env.store
@@ -201,7 +187,10 @@ async fn a_terminal_error_fails_the_node_at_once_with_a_dead_letter_and_an_alert
         ask.error
     );
     assert_eq!(node(&status, "after").state, "skipped");
-    assert_eq!(calls(&env, run).await, [(1, "http_400".to_owned())]);
+    assert_eq!(
+        model_call_statuses(&env, run).await,
+        [(1, "http_400".to_owned())]
+    );
     let detail = "reason = 'task_failed' AND node_id = 'ask' AND attempt = 1";
     assert_eq!(env.count(&format!("{sql} AND {detail}")).await, 1);
     assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 1);
@@ -333,7 +322,7 @@ async fn cancel_stops_a_running_run_and_drops_the_late_result() {
     worker.stop().await;
 
     assert_eq!(
-        calls(&env, run).await,
+        model_call_statuses(&env, run).await,
         [(1, "ok".to_owned())],
         "the late call is audited"
     );

@@ -8,7 +8,7 @@ mod support;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use common::{TestEnv, eventually, node};
+use common::{TestEnv, eventually, model_call_statuses, node};
 use dagq::engine::WorkerOptions;
 use serde_json::{Value, json};
 use support::{
@@ -56,20 +56,6 @@ fn wait_after(steps: &[Step], attempt: i32) -> Duration {
     gap.to_std().expect("the retry comes after the failure")
 }
 
-/// (attempt, status) of a run's model calls, in order.
-async fn calls(env: &TestEnv, run: Uuid) -> Vec<(i32, String)> {
-    let rows = env
-        .sql()
-        .await
-        .query(
-            "SELECT attempt, status FROM model_calls WHERE run_id = $1 ORDER BY id",
-            &[&run],
-        )
-        .await
-        .unwrap();
-    rows.iter().map(|r| (r.get(0), r.get(1))).collect()
-}
-
 /// A provider answering 503 twice, then 200: the node completes on attempt 3; each
 /// failure shows in `transitions` as running → retrying → queued → running, with at least
 /// the policy's delay (250 ms, then 500 ms) between `retrying` and the next `queued`; one
@@ -113,7 +99,7 @@ async fn a_provider_failing_twice_completes_the_node_on_attempt_three_after_visi
     }
     let s = |a: i32, status: &str| (a, status.to_owned());
     assert_eq!(
-        calls(&env, run).await,
+        model_call_statuses(&env, run).await,
         [s(1, "http_503"), s(2, "http_503"), s(3, "ok")]
     );
     let keys: Vec<_> = provider
@@ -199,7 +185,7 @@ async fn retry_after_from_the_provider_wins_over_a_shorter_policy_delay() {
     );
     let s = |a: i32, status: &str| (a, status.to_owned());
     assert_eq!(
-        calls(&env, status.run.id).await,
+        model_call_statuses(&env, status.run.id).await,
         [s(1, "http_429"), s(2, "ok")]
     );
 }

@@ -558,3 +558,17 @@ pub fn chat_diamond(name: &str) -> Value {
         chat("e", &["b", "c", "d"])
     ]})
 }
+
+/// (attempt, status) of a run's model calls, in order.
+pub async fn model_call_statuses(env: &TestEnv, run: uuid::Uuid) -> Vec<(i32, String)> {
+    let rows = env
+        .sql()
+        .await
+        .query(
+            "SELECT attempt, status FROM model_calls WHERE run_id = $1 ORDER BY id",
+            &[&run],
+        )
+        .await
+        .unwrap();
+    rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+}
