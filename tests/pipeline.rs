@@ -108,11 +108,19 @@ async fn same_event_twice_starts_one_run_and_filters_apply() {
     env.publish_event(&main).await;
     env.publish_event(&main).await;
     env.wait_run(&main, Duration::from_secs(30)).await;
-    // Publish a marker after the rest and wait for it, so every earlier event was seen.
+    // Publish a marker after the rest and wait for it; then stop the worker, which
+    // finishes what it started and hands back the rest. An empty trigger queue after that
+    // means every event was processed, so a missing run really is a filtered event.
     let marker =
         dagq::engine::messages::new_event("git.push", "hook", None, json!({"branch": "main"}));
     env.publish_event(&marker).await;
     env.wait_run(&marker, Duration::from_secs(30)).await;
+    worker.stop().await;
+    assert_eq!(
+        common::queue_depth(&env, &env.topology().triggers_queue()).await,
+        0,
+        "every event was processed"
+    );
     assert_eq!(
         env.count("SELECT count(*) FROM runs").await,
         2,
@@ -126,5 +134,4 @@ async fn same_event_twice_starts_one_run_and_filters_apply() {
         .await,
         0
     );
-    worker.stop().await;
 }

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{
-    KillOnDrop, TestEnv, assert_each_node_ran_once, diamond, eventually, queue_consumers,
-    queue_depth,
+    KillOnDrop, TestEnv, assert_each_node_ran_once, diamond, eventually, queue_depth,
+    wait_for_consumers,
 };
 use dagq::adapter::Registry;
 use dagq::engine::{Engine, Handled, RUN_REQUESTED};
@@ -236,18 +236,12 @@ async fn killed_workers_lose_nothing_and_duplicate_nothing() {
     let topology = env.topology();
     let spawn = || KillOnDrop(env.spawn_worker_process(&["--concurrency", "8"]));
     let mut workers: Vec<KillOnDrop> = (0..WORKERS).map(|_| spawn()).collect();
-    for queue in [
+    let queues = [
         topology.triggers_queue(),
         topology.task_queue("noop"),
         topology.task_queue("transform"),
-    ] {
-        eventually(
-            &format!("{WORKERS} consumers on {queue}"),
-            Duration::from_secs(60),
-            || async { (queue_consumers(&env, &queue).await == WORKERS).then_some(()) },
-        )
-        .await;
-    }
+    ];
+    wait_for_consumers(&env, &queues, WORKERS).await;
 
     let started = Instant::now();
     for n in 0..RUNS {

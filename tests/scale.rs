@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{KillOnDrop, TestEnv, assert_each_node_ran_once, eventually, queue_consumers};
+use common::{KillOnDrop, TestEnv, assert_each_node_ran_once, eventually, wait_for_consumers};
 use serde_json::{Value, json};
 
 const RUNS: i64 = 300;
@@ -42,18 +42,12 @@ async fn three_worker_processes_run_300_fan_in_runs_exactly_once() {
         .map(|_| KillOnDrop(env.spawn_worker_process(&["--concurrency", "8"])))
         .collect();
     // Publish only once every process consumes every queue, so the work is shared.
-    for queue in [
+    let queues = [
         topology.triggers_queue(),
         topology.task_queue("transform"),
         topology.task_queue("noop"),
-    ] {
-        eventually(
-            &format!("{WORKERS} consumers on {queue}"),
-            Duration::from_secs(60),
-            || async { (queue_consumers(&env, &queue).await == WORKERS).then_some(()) },
-        )
-        .await;
-    }
+    ];
+    wait_for_consumers(&env, &queues, WORKERS).await;
 
     let started = Instant::now();
     for n in 0..RUNS {

@@ -572,3 +572,16 @@ pub async fn model_call_statuses(env: &TestEnv, run: uuid::Uuid) -> Vec<(i32, St
         .unwrap();
     rows.iter().map(|r| (r.get(0), r.get(1))).collect()
 }
+
+/// Waits until every one of `queues` has `count` consumers, so that work published next is
+/// shared by all the workers started.
+pub async fn wait_for_consumers(env: &TestEnv, queues: &[String], count: u32) {
+    for queue in queues {
+        eventually(
+            &format!("{count} consumers on {queue}"),
+            Duration::from_secs(60),
+            || async { (queue_consumers(env, queue).await == count).then_some(()) },
+        )
+        .await;
+    }
+}
