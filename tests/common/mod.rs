@@ -159,19 +159,11 @@ impl TestEnv {
 
     /// Starts an in-process worker; stop it with `WorkerHandle::stop`.
     pub fn start_worker(&self, options: WorkerOptions) -> WorkerHandle {
-        let shutdown = CancellationToken::new();
-        let worker = Worker::new(
-            self.settings.clone(),
-            WorkerOptions {
-                migrate: false,
-                ..options
-            },
-        );
-        let join = tokio::spawn(worker.run(shutdown.clone()));
-        WorkerHandle {
-            shutdown,
-            join: Some(join),
-        }
+        let options = WorkerOptions {
+            migrate: false,
+            ..options
+        };
+        WorkerHandle::spawn(Worker::new(self.settings.clone(), options))
     }
 
     /// An in-process worker with default options and a fast queue refresh.
@@ -276,6 +268,16 @@ pub struct WorkerHandle {
 }
 
 impl WorkerHandle {
+    /// Runs `worker` on a task of its own until `stop`.
+    pub fn spawn(worker: Worker) -> WorkerHandle {
+        let shutdown = CancellationToken::new();
+        let join = tokio::spawn(worker.run(shutdown.clone()));
+        WorkerHandle {
+            shutdown,
+            join: Some(join),
+        }
+    }
+
     /// Asks the worker to stop and waits for it.
     pub async fn stop(mut self) {
         self.shutdown.cancel();

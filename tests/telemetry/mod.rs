@@ -8,16 +8,17 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use dagq::config::Settings;
-use dagq::engine::{EngineError, Worker, WorkerOptions};
+use dagq::engine::{Worker, WorkerOptions};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
+use super::common::WorkerHandle;
+
 /// An in-process worker serving `/metrics`, `/healthz` and `/readyz`.
 pub struct HttpWorker {
     pub addr: SocketAddr,
-    shutdown: CancellationToken,
-    join: Option<JoinHandle<Result<Option<SocketAddr>, EngineError>>>,
+    worker: WorkerHandle,
     client: reqwest::Client,
 }
 
@@ -38,8 +39,7 @@ impl HttpWorker {
             .await
             .expect("a free loopback port binds")
             .expect("the worker serves HTTP");
-        let shutdown = CancellationToken::new();
-        let join = tokio::spawn(worker.run(shutdown.clone()));
+        let worker = WorkerHandle::spawn(worker);
         // Loopback only: never through a proxy from the environment.
         let client = reqwest::Client::builder()
             .no_proxy()
@@ -48,8 +48,7 @@ impl HttpWorker {
             .expect("client builds");
         HttpWorker {
             addr,
-            shutdown,
-            join: Some(join),
+            worker,
             client,
         }
     }
@@ -74,21 +73,8 @@ impl HttpWorker {
     }
 
     /// Stops the worker and waits for it.
-    pub async fn stop(mut self) {
-        self.shutdown.cancel();
-        if let Some(join) = self.join.take() {
-            tokio::time::timeout(Duration::from_secs(60), join)
-                .await
-                .expect("worker stops within 60 s")
-                .expect("worker task did not panic")
-                .expect("worker ended without error");
-        }
-    }
-}
-
-impl Drop for HttpWorker {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
+    pub async fn stop(self) {
+        self.worker.stop().await;
     }
 }
 
