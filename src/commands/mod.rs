@@ -56,6 +56,11 @@ pub enum CommandError {
     Timeout(String),
 }
 
+/// At most `max` characters of an optional text, for one line of a table.
+pub(crate) fn clip(text: Option<&str>, max: usize) -> String {
+    text.unwrap_or("").chars().take(max).collect()
+}
+
 /// Reads a JSON argument: inline JSON, or `@FILE` for a file's contents.
 pub fn json_argument(what: &str, text: &str) -> Result<serde_json::Value, CommandError> {
     let (source, body) = match text.strip_prefix('@') {

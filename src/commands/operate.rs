@@ -115,13 +115,7 @@ pub fn format_dead_letters(letters: &[DeadLetterRow]) -> String {
         "ID", "REASON", "CREATED", "REPLAYED"
     );
     for l in letters {
-        let detail: String = l
-            .detail
-            .as_deref()
-            .unwrap_or("")
-            .chars()
-            .take(100)
-            .collect();
+        let detail = super::clip(l.detail.as_deref(), 100);
         let _ = writeln!(
             out,
             "{:<36}  {:<17} {:<19} {:<9} {}",
@@ -142,13 +136,7 @@ pub fn format_breakers(breakers: &[BreakerState]) -> String {
         "PROFILE", "STATE", "FAILURES", "OPENED"
     );
     for b in breakers {
-        let error: String = b
-            .last_error
-            .as_deref()
-            .unwrap_or("")
-            .chars()
-            .take(80)
-            .collect();
+        let error = super::clip(b.last_error.as_deref(), 80);
         let opened = b
             .opened_at
             .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())

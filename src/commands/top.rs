@@ -237,13 +237,7 @@ pub fn format_top(frame: &TopFrame) -> String {
             let since = b
                 .opened_at
                 .map(|t| age((frame.at - t).num_milliseconds() as f64 / 1000.0));
-            let error: String = b
-                .last_error
-                .as_deref()
-                .unwrap_or("")
-                .chars()
-                .take(80)
-                .collect();
+            let error = super::clip(b.last_error.as_deref(), 80);
             let _ = writeln!(
                 out,
                 "{:<20} {:<10} for {:>8}  {error}",
