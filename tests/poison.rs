@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::TestEnv;
 use dagq::broker::headers;
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::json;
 
@@ -33,31 +33,12 @@ impl Letter {
 /// every dead letter, whoever else consumes `<ns>.dead`.
 async fn watch_dead_letters(env: &TestEnv) -> lapin::Consumer {
     let channel = env.channel().await;
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+    let queue = dagq::broker::bind_private_queue(&channel, &env.topology().dead_exchange())
         .await
-        .expect("declare a private queue");
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            env.topology().dead_exchange().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind it to the dead-letter exchange");
+        .expect("a private queue bound to the dead-letter exchange");
     channel
         .basic_consume(
-            queue.name().clone(),
+            queue,
             "poison-test".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),

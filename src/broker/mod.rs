@@ -9,7 +9,7 @@ use lapin::{Connection, ConnectionProperties};
 
 pub use inspect::{QueueCounts, QueueProbe};
 pub use publisher::{DeadLetter, Publisher, headers};
-pub use topology::{MAX_PRIORITY, RETRY_TIERS, Topology, retry_tier};
+pub use topology::{MAX_PRIORITY, RETRY_TIERS, Topology, bind_private_queue, retry_tier};
 
 /// A broker failure.
 #[derive(Debug, thiserror::Error)]

@@ -209,6 +209,24 @@ impl Topology {
     }
 }
 
+/// Declares a queue private to this connection (server-named, gone with it) bound to a
+/// fanout `exchange`, and returns its name: a copy of everything the exchange carries.
+pub async fn bind_private_queue(
+    channel: &Channel,
+    exchange: &str,
+) -> Result<lapin::types::ShortString, BrokerError> {
+    let options = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..Default::default()
+    };
+    let queue = channel
+        .queue_declare("".into(), options, FieldTable::default())
+        .await?;
+    bind(channel, queue.name().as_str(), exchange, "").await?;
+    Ok(queue.name().clone())
+}
+
 fn priority_args() -> FieldTable {
     let mut args = FieldTable::default();
     args.insert(

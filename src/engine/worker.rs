@@ -12,7 +12,6 @@ use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
@@ -535,31 +534,10 @@ async fn listen_for_control(
         .create_channel()
         .await
         .map_err(broker::BrokerError::from)?;
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(broker::BrokerError::from)?;
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            topology.control_exchange().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(broker::BrokerError::from)?;
+    let queue = broker::bind_private_queue(&channel, &topology.control_exchange()).await?;
     let mut consumer = channel
         .basic_consume(
-            queue.name().clone(),
+            queue,
             "".into(),
             BasicConsumeOptions {
                 no_ack: true,
