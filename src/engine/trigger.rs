@@ -54,7 +54,7 @@ impl Engine {
         if kind == RUN_REQUESTED {
             let data = &event["data"];
             let name = data["workflow"].as_str().unwrap_or_default();
-            let Some((version, _)) = self.store.workflow_definition(name, None).await? else {
+            let Some(version) = self.store.latest_version(name).await? else {
                 return Ok(Err(Poison::new(
                     "unknown_workflow",
                     format!(
@@ -78,8 +78,8 @@ impl Engine {
             }]));
         }
         let mut targets = Vec::new();
-        for (version, definition) in self.store.workflows_triggered_by(kind).await? {
-            let name = definition["name"].as_str().unwrap_or_default();
+        for (name, version) in self.store.workflows_triggered_by(kind).await? {
+            let name = name.as_str();
             let Some(workflow) = self.workflow(name, version).await? else {
                 continue;
             };

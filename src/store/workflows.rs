@@ -95,15 +95,16 @@ impl Store {
         Ok(row.map(|r| (r.get(0), r.get(1))))
     }
 
-    /// The latest version of every workflow that an event of `event_type` triggers.
+    /// (name, latest version) of every workflow whose versions an event of `event_type`
+    /// may trigger. Only names and numbers: the engine keeps parsed versions cached.
     pub async fn workflows_triggered_by(
         &self,
         event_type: &str,
-    ) -> Result<Vec<(i32, Value)>, StoreError> {
+    ) -> Result<Vec<(String, i32)>, StoreError> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(
-                "SELECT DISTINCT ON (name) version, definition FROM workflows
+                "SELECT DISTINCT ON (name) name, version FROM workflows
                  WHERE name IN (
                      SELECT name FROM workflows
                      WHERE definition->'triggers' @> jsonb_build_array(jsonb_build_object('event', $1::text)))
@@ -112,6 +113,15 @@ impl Store {
             .await?;
         let rows = client.query(&stmt, &[&event_type]).await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// The latest version number of a workflow, `None` when it is not applied.
+    pub async fn latest_version(&self, name: &str) -> Result<Option<i32>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("SELECT max(version) FROM workflows WHERE name = $1")
+            .await?;
+        Ok(client.query_one(&stmt, &[&name]).await?.get(0))
     }
 
     /// Latest versions, for `dagq workflow list`.
