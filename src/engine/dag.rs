@@ -2,11 +2,14 @@
 //! transaction that records the finish, so the decision to start a child is made exactly
 //! once even when its parents finish at the same moment on different workers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use deadpool_postgres::GenericClient;
 use serde_json::{Value, json};
 
+use uuid::Uuid;
+
+use crate::store::advance::Closing;
 use crate::store::{self, QueuedTask, RunContext, StoreError};
 use crate::workflow::{TriggerRule, Workflow, template};
 
@@ -82,99 +85,174 @@ impl Settled {
     }
 }
 
-/// Advances a run: `ready` nodes are queued (or skipped when their `when` is false), and
-/// every node in `finished` counts against its children, which may become ready or be
-/// skipped in turn. Finally the run is closed when no node is left.
+/// One run's part in a settle: its nodes that just became ready (the roots of a new
+/// run, say) and those that just reached a final state.
+#[derive(Debug)]
+pub struct Progress<'a> {
+    /// The run's workflow version.
+    pub workflow: &'a Workflow,
+    /// The run.
+    pub run: &'a RunContext,
+    /// Nodes to queue, or to close when their `when` says so.
+    pub ready: Vec<String>,
+    /// Nodes that finished, in the order they did.
+    pub finished: Vec<(String, Finished)>,
+}
+
+/// Advances one run; see [`settle_all`].
 pub async fn settle(
     client: &impl GenericClient,
     workflow: &Workflow,
     run: &RunContext,
-    mut ready: Vec<String>,
-    mut finished: Vec<(String, Finished)>,
+    ready: Vec<String>,
+    finished: Vec<(String, Finished)>,
 ) -> Result<Settled, StoreError> {
-    let mut settled = Settled::default();
-    // Every node that reaches a final state passes through `finished` exactly once.
-    let mut finished_count = 0;
-    let mut failed_count = 0;
+    let progress = Progress {
+        workflow,
+        run,
+        ready,
+        finished,
+    };
+    let mut settled = settle_all(client, vec![progress]).await?;
+    Ok(settled.pop().expect("one outcome per run"))
+}
+
+/// Advances runs (each named once): `ready` nodes are queued (or closed when their
+/// `when` is false), and every finished node counts against its children, which may
+/// become ready or be skipped in turn. Runs with no node left close. The caller holds
+/// the runs' locks ([`store::nodes::lock_runs`]); each step is one statement for all
+/// the runs. Returns one `Settled` per run, in order.
+pub async fn settle_all(
+    client: &impl GenericClient,
+    mut runs: Vec<Progress<'_>>,
+) -> Result<Vec<Settled>, StoreError> {
+    let index: HashMap<Uuid, usize> = runs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.run.run_id, i))
+        .collect();
+    let mut settled: Vec<Settled> = runs.iter().map(|_| Settled::default()).collect();
+    // (finished, failed) per run: every node reaching a final state is counted once.
+    let mut counts = vec![(0, 0); runs.len()];
+    let mut closing: Vec<Closing> = Vec::new();
     loop {
-        if !ready.is_empty() {
-            let mut go = Vec::new();
-            let mut skip = Vec::new();
-            let mut broken = Vec::new();
-            for id in ready.drain(..) {
-                match evaluate_when(client, workflow, run, &id).await? {
-                    Ok(true) => go.push(id),
-                    Ok(false) => skip.push(id),
-                    Err(e) => broken.push((id, e)),
+        let mut go: Vec<(Uuid, String)> = Vec::new();
+        for p in runs.iter_mut() {
+            for id in std::mem::take(&mut p.ready) {
+                match evaluate_when(client, p.workflow, p.run, &id).await? {
+                    Ok(true) => go.push((p.run.run_id, id)),
+                    Ok(false) => closing.push(close(
+                        p.run,
+                        id,
+                        "skipped",
+                        "when condition is false".into(),
+                    )),
+                    Err(e) => closing.push(close(
+                        p.run,
+                        id,
+                        "failed",
+                        format!("when condition cannot be evaluated: {e}"),
+                    )),
                 }
             }
-            if !go.is_empty() {
-                settled
-                    .queued
-                    .extend(store::nodes::enqueue(client, run.run_id, &go).await?);
-            }
-            let skipped = store::nodes::close_pending(
-                client,
-                run.run_id,
-                &skip,
-                "skipped",
-                "when condition is false",
-            )
-            .await?;
-            settled.skipped.extend(skipped.iter().cloned());
-            finished.extend(skipped.into_iter().map(|id| (id, Finished::Skipped)));
-            for (id, error) in broken {
-                let reason = format!("when condition cannot be evaluated: {error}");
-                let failed =
-                    store::nodes::close_pending(client, run.run_id, &[id], "failed", &reason)
-                        .await?;
-                finished.extend(failed.into_iter().map(|id| (id, Finished::Failed)));
-            }
         }
-        if finished.is_empty() {
+        let go: Vec<(Uuid, &str)> = go.iter().map(|(r, n)| (*r, n.as_str())).collect();
+        for (run_id, task) in store::advance::enqueue_all(client, &go).await? {
+            settled[index[&run_id]].queued.push(task);
+        }
+        let closed =
+            store::advance::close_pending_all(client, &std::mem::take(&mut closing)).await?;
+        for (run_id, node_id, state) in closed {
+            let i = index[&run_id];
+            let outcome = if state == "failed" {
+                Finished::Failed
+            } else {
+                settled[i].skipped.push(node_id.clone());
+                Finished::Skipped
+            };
+            runs[i].finished.push((node_id, outcome));
+        }
+        if runs.iter().all(|p| p.finished.is_empty()) {
             break;
         }
-        let mut to_skip: Vec<(String, String)> = Vec::new();
-        for (id, outcome) in std::mem::take(&mut finished) {
-            finished_count += 1;
-            failed_count += i32::from(outcome == Finished::Failed);
-            let mut children: Vec<String> =
-                workflow.children_of(&id).map(|n| n.id.clone()).collect();
-            if children.is_empty() {
-                continue;
-            }
-            // A fixed lock order keeps two transactions from deadlocking on shared children.
-            children.sort();
-            for (child, left) in
-                store::nodes::count_finished_dependency(client, run.run_id, &children).await?
-            {
-                let rule = workflow
-                    .node(&child)
-                    .map(|n| n.trigger_rule)
-                    .unwrap_or_default();
-                match decide(rule, outcome, left) {
-                    Decision::Ready => ready.push(child),
-                    Decision::Skip => {
-                        to_skip.push((child, format!("upstream \"{id}\" {}", outcome.as_str())))
-                    }
-                    Decision::Wait => {}
+        // Which parents of each (run, child) just finished, in order. BTreeMap: the
+        // statement below then visits the rows in a fixed order.
+        let mut arrivals: BTreeMap<(Uuid, String), Vec<(String, Finished)>> = BTreeMap::new();
+        for (i, p) in runs.iter_mut().enumerate() {
+            for (id, outcome) in std::mem::take(&mut p.finished) {
+                counts[i].0 += 1;
+                counts[i].1 += i32::from(outcome == Finished::Failed);
+                for child in p.workflow.children_of(&id) {
+                    arrivals
+                        .entry((p.run.run_id, child.id.clone()))
+                        .or_default()
+                        .push((id.clone(), outcome));
                 }
             }
         }
-        for (child, reason) in to_skip {
-            let skipped =
-                store::nodes::close_pending(client, run.run_id, &[child], "skipped", &reason)
-                    .await?;
-            settled.skipped.extend(skipped.iter().cloned());
-            finished.extend(skipped.into_iter().map(|id| (id, Finished::Skipped)));
+        let counted: Vec<(Uuid, &str, i32)> = arrivals
+            .iter()
+            .map(|((run, child), parents)| (*run, child.as_str(), parents.len() as i32))
+            .collect();
+        for (run_id, child, left) in
+            store::advance::count_finished_dependencies(client, &counted).await?
+        {
+            let p = &mut runs[index[&run_id]];
+            let rule = p
+                .workflow
+                .node(&child)
+                .map(|n| n.trigger_rule)
+                .unwrap_or_default();
+            let parents = &arrivals[&(run_id, child.clone())];
+            match first_decision(rule, parents, left) {
+                Some((_, Decision::Ready)) => p.ready.push(child),
+                Some((parent, _)) => closing.push(close(
+                    p.run,
+                    child,
+                    "skipped",
+                    format!("upstream \"{}\" {}", parent.0, parent.1.as_str()),
+                )),
+                None => {}
+            }
         }
     }
-    if finished_count > 0 {
-        settled.run_finished =
-            store::nodes::count_finished_nodes(client, run.run_id, finished_count, failed_count)
-                .await?;
+    let counts: Vec<(Uuid, i32, i32)> = runs
+        .iter()
+        .zip(&counts)
+        .filter(|(_, (finished, _))| *finished > 0)
+        .map(|(p, (finished, failed))| (p.run.run_id, *finished, *failed))
+        .collect();
+    for (run_id, state) in store::advance::count_finished_nodes(client, &counts).await? {
+        settled[index[&run_id]].run_finished = Some(state);
     }
     Ok(settled)
+}
+
+/// Replays parents finishing one by one, as if each had been alone, from the count
+/// left after all of them: the first decision that is not to wait stands, with the
+/// parent that caused it.
+fn first_decision(
+    rule: TriggerRule,
+    parents: &[(String, Finished)],
+    left_after_all: i32,
+) -> Option<(&(String, Finished), Decision)> {
+    let k = parents.len() as i32;
+    parents.iter().enumerate().find_map(|(j, parent)| {
+        let left_then = left_after_all + (k - 1 - j as i32);
+        match decide(rule, parent.1, left_then) {
+            Decision::Wait => None,
+            decision => Some((parent, decision)),
+        }
+    })
+}
+
+fn close(run: &RunContext, node_id: String, state: &'static str, reason: String) -> Closing {
+    Closing {
+        run_id: run.run_id,
+        node_id,
+        state,
+        reason,
+    }
 }
 
 /// `Ok(Ok(true))` when the node has no condition or it holds.
@@ -236,6 +314,35 @@ mod tests {
         assert_eq!(decide(OneSuccess, Completed, 2), Decision::Ready);
         assert_eq!(decide(OneSuccess, Failed, 1), Decision::Wait);
         assert_eq!(decide(OneSuccess, Failed, 0), Decision::Skip);
+    }
+
+    #[test]
+    fn parents_finishing_together_decide_as_if_one_by_one() {
+        let parents = |outcomes: &[Finished]| -> Vec<(String, Finished)> {
+            outcomes
+                .iter()
+                .enumerate()
+                .map(|(i, o)| (format!("p{i}"), *o))
+                .collect()
+        };
+        // The last of three parents in: all complete, so the child runs.
+        let all = parents(&[Completed, Completed, Completed]);
+        assert_eq!(
+            first_decision(AllSuccess, &all, 0).map(|d| d.1),
+            Some(Decision::Ready)
+        );
+        // One of three still out: wait.
+        assert_eq!(first_decision(AllSuccess, &all[..2], 1), None);
+        // A failure skips at once, naming the parent that failed.
+        let mixed = parents(&[Completed, Failed, Completed]);
+        let (parent, decision) = first_decision(AllSuccess, &mixed, 0).unwrap();
+        assert_eq!((parent.0.as_str(), decision), ("p1", Decision::Skip));
+        // one_success runs on the first success even after a failure.
+        let late = parents(&[Failed, Completed]);
+        assert_eq!(
+            first_decision(OneSuccess, &late, 0).map(|d| d.1),
+            Some(Decision::Ready)
+        );
     }
 
     #[test]

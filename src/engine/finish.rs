@@ -86,17 +86,16 @@ impl Engine {
             Ok(output) => (Finished::Completed, Some(output), None),
             Err(e) => (Finished::Failed, None, Some(e.to_string())),
         };
-        let fenced_in = store::nodes::finish(
-            tx,
-            message.run_id,
-            &message.node_id,
+        store::nodes::lock_runs(tx, &[run.run_id]).await?;
+        let finishing = store::nodes::Finishing {
+            run_id: message.run_id,
+            node_id: &message.node_id,
             fence,
-            outcome.as_str(),
+            state: outcome.as_str(),
             output,
-            error.as_deref(),
-        )
-        .await?;
-        if !fenced_in {
+            error: error.as_deref(),
+        };
+        if store::nodes::finish_all(tx, &[finishing]).await?.is_empty() {
             return Ok(None);
         }
         let settled = match workflow {
@@ -115,7 +114,10 @@ impl Engine {
             None => Settled {
                 queued: Vec::new(),
                 skipped: Vec::new(),
-                run_finished: store::nodes::count_finished_nodes(tx, run.run_id, 1, 1).await?,
+                run_finished: store::advance::count_finished_nodes(tx, &[(run.run_id, 1, 1)])
+                    .await?
+                    .pop()
+                    .map(|(_, state)| state),
             },
         };
         Ok(Some(settled))
@@ -135,19 +137,42 @@ impl Engine {
         let Some(settled) = settled else {
             return Ok(fenced(message));
         };
+        self.publish_settled(workflow, run, &settled).await?;
+        self.after_task(message, result, started).await
+    }
+
+    /// Publishes the tasks that settling a run queued, then counts what it skipped and
+    /// the run itself when it closed.
+    pub(super) async fn publish_settled(
+        &self,
+        workflow: Option<&Workflow>,
+        run: &RunContext,
+        settled: &Settled,
+    ) -> Result<(), EngineError> {
         if let Some(workflow) = workflow {
             self.publish_tasks(workflow, run, &settled.queued).await?;
             settled.count_skipped(workflow);
         }
+        if let Some(state) = &settled.run_finished {
+            self.record_run_finished(run, state);
+        }
+        Ok(())
+    }
+
+    /// What is left of a task once its run's follow-ups are out: a dead letter when it
+    /// failed, and its duration.
+    pub(super) async fn after_task(
+        &self,
+        message: &TaskMessage,
+        result: &Result<Value, AdapterError>,
+        started: Instant,
+    ) -> Result<Handled, EngineError> {
         if let Err(error) = result {
             let error = error.to_string();
             self.publish_dead(&failure_letter(self.publisher.topology(), message, &error))
                 .await?;
             tracing::warn!(run = %message.run_id, node = %message.node_id, attempt = message.attempt,
                 %error, "node failed");
-        }
-        if let Some(state) = &settled.run_finished {
-            self.record_run_finished(run, state);
         }
         metrics::histogram!(telemetry::TASK_DURATION,
             "queue" => message.queue.clone().unwrap_or_default(),
@@ -260,7 +285,7 @@ async fn record_calls_in(
 }
 
 /// Runs a database step, retrying it in-process on deadlocks and lost connections.
-async fn with_commit_retries<T, F, Fut>(mut step: F) -> Result<T, StoreError>
+pub(super) async fn with_commit_retries<T, F, Fut>(mut step: F) -> Result<T, StoreError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, StoreError>>,
@@ -279,7 +304,7 @@ where
     }
 }
 
-fn fenced(message: &TaskMessage) -> Handled {
+pub(super) fn fenced(message: &TaskMessage) -> Handled {
     tracing::warn!(run = %message.run_id, node = %message.node_id, attempt = message.attempt,
         "another worker took this node over; dropping this result");
     Handled::Done("fenced")

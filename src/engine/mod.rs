@@ -2,9 +2,11 @@
 //! effects on at-least-once delivery (DESIGN §4), advancing the DAG, and the worker
 //! process that consumes all of it.
 
+mod batch;
 mod breaker_events;
 pub mod dag;
 mod dead;
+mod delivery;
 mod finish;
 pub mod messages;
 mod operate;

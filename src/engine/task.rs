@@ -10,9 +10,10 @@ use super::dag::template_context;
 use super::messages::{Poison, parse_task};
 use super::{Engine, EngineError, Handled, TaskMessage};
 use crate::adapter::{AdapterError, Call, ModelCall};
+use crate::store::nodes::ClaimRequest;
 use crate::store::{self, Claim, RunContext};
 use crate::telemetry;
-use crate::workflow::{Workflow, template};
+use crate::workflow::{NodeDef, Workflow, template};
 
 /// How long one attempt may take when the node sets no `timeout`.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -37,13 +38,7 @@ impl Engine {
         span.record("node", message.node_id.as_str());
         span.record("attempt", message.attempt);
         let handled = self.process_task(&message, redelivered).await?;
-        if let Handled::Done(outcome) = &handled {
-            metrics::counter!(telemetry::TASKS_TOTAL,
-                "queue" => message.queue.clone().unwrap_or_else(|| queue.to_owned()),
-                "type" => message.kind.clone().unwrap_or_default(),
-                "outcome" => *outcome)
-            .increment(1);
-        }
+        count_task(&message, queue, &handled);
         Ok(handled)
     }
 
@@ -57,132 +52,72 @@ impl Engine {
         }
         let started = Instant::now();
         let client = self.store.client().await?;
-        let claim = store::nodes::claim(
-            &client,
-            message.run_id,
-            &message.node_id,
-            message.attempt,
-            redelivered,
-        )
-        .await?;
+        let claim = store::nodes::claim(&client, claim_request(message, redelivered)).await?;
         drop(client);
         let (fence, run) = match self.claimed(message, redelivered, claim).await? {
             Ok(claimed) => claimed,
             Err(handled) => return Ok(handled),
         };
-        let Some(workflow) = self.workflow(&run.workflow, run.version).await? else {
+        let workflow = self.workflow(&run.workflow, run.version).await?;
+        self.continue_claimed(message, fence, &run, workflow.as_deref(), started)
+            .await
+    }
+
+    /// Runs a claimed node's adapter and records the outcome; a node whose workflow is
+    /// not stored fails at once.
+    pub(super) async fn continue_claimed(
+        &self,
+        message: &TaskMessage,
+        fence: i64,
+        run: &RunContext,
+        workflow: Option<&Workflow>,
+        started: Instant,
+    ) -> Result<Handled, EngineError> {
+        let Some(workflow) = workflow else {
             let error = format!(
                 "workflow \"{}\" version {} is not stored",
                 run.workflow, run.version
             );
+            let error = Err(AdapterError::Config(error));
             return self
-                .finish(
-                    message,
-                    fence,
-                    &run,
-                    None,
-                    Err(AdapterError::Config(error)),
-                    &[],
-                    started,
-                )
+                .finish(message, fence, run, None, error, &[], started)
                 .await;
         };
-        let (result, calls) = self.execute(&workflow, &run, message).await?;
-        self.finish(
-            message,
-            fence,
-            &run,
-            Some(&workflow),
-            result,
-            &calls,
-            started,
-        )
-        .await
+        let (result, calls) = self.execute(workflow, run, message).await?;
+        self.finish(message, fence, run, Some(workflow), result, &calls, started)
+            .await
     }
 
     /// Built-in nodes (`noop`, `transform`) call nothing outside: they are claimed,
-    /// executed and finished in one transaction, which halves their commits. The type in
-    /// the message is only a hint; a node that turns out not to be built-in takes the
-    /// ordinary path with its claim committed first.
+    /// executed and finished in one transaction, as a batch of one.
     async fn process_builtin(
         &self,
         message: &TaskMessage,
         redelivered: bool,
     ) -> Result<Handled, EngineError> {
-        let started = Instant::now();
-        let mut client = self.store.client().await?;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(store::StoreError::from)?;
-        let claim = store::nodes::claim(
-            &tx,
-            message.run_id,
-            &message.node_id,
-            message.attempt,
-            redelivered,
-        )
-        .await?;
-        if let Claim::NotClaimable { .. } = claim {
-            // Re-driving takes a connection of its own: give this one back first, so
-            // that many redeliveries at once cannot starve the pool.
-            drop(tx);
-            drop(client);
-            return match self.claimed(message, redelivered, claim).await? {
-                Err(handled) => Ok(handled),
-                // Only a claimed node yields a fence, and this claim is not one.
-                Ok(_) => Ok(Handled::Done("duplicate")),
-            };
-        }
-        let (fence, run) = match self.claimed(message, redelivered, claim).await? {
-            Ok(claimed) => claimed,
-            Err(handled) => return Ok(handled),
-        };
-        let workflow = self.workflow(&run.workflow, run.version).await?;
-        let node = workflow.as_deref().and_then(|w| w.node(&message.node_id));
-        let (Some(workflow), Some(node)) = (&workflow, node) else {
-            tx.commit().await.map_err(store::StoreError::from)?;
-            drop(client);
-            let error = format!(
-                "workflow \"{}\" version {} has no node \"{}\"",
-                run.workflow, run.version, message.node_id
-            );
-            return self
-                .finish(
-                    message,
-                    fence,
-                    &run,
-                    workflow.as_deref(),
-                    Err(AdapterError::Config(error)),
-                    &[],
-                    started,
-                )
-                .await;
-        };
-        if !is_builtin(node.kind.as_str()) {
-            tx.commit().await.map_err(store::StoreError::from)?;
-            drop(client);
-            let (result, calls) = self.execute(workflow, &run, message).await?;
-            return self
-                .finish(
-                    message,
-                    fence,
-                    &run,
-                    Some(workflow),
-                    result,
-                    &calls,
-                    started,
-                )
-                .await;
-        }
+        let batch = [(message.clone(), redelivered)];
+        let mut outcomes = self.handle_builtin_batch(&batch).await?;
+        outcomes.pop().expect("one outcome per message")
+    }
+
+    /// Renders a built-in node's input (reading upstream outputs through `client`, the
+    /// claiming transaction) and runs it in-process.
+    pub(super) async fn run_builtin(
+        &self,
+        client: &impl deadpool_postgres::GenericClient,
+        workflow: &Workflow,
+        run: &RunContext,
+        node: &NodeDef,
+        message: &TaskMessage,
+    ) -> Result<Result<Value, AdapterError>, store::StoreError> {
         let input = if self.adapters.reads_input(node) {
-            let context = template_context(&tx, workflow, &run, &node.id).await?;
+            let context = template_context(client, workflow, run, &node.id).await?;
             template::render_value(&node.input, &context)
                 .map_err(|e| AdapterError::InvalidInput(format!("input template: {e}")))
         } else {
             Ok(Value::Null)
         };
-        let result = match input {
+        Ok(match input {
             Ok(input) => {
                 let call = Call {
                     run_id: run.run_id,
@@ -194,19 +129,12 @@ impl Engine {
                 self.adapters.run(&call).await.result
             }
             Err(e) => Err(e),
-        };
-        let settled = self
-            .finish_in(&tx, message, fence, &run, Some(workflow), &result)
-            .await?;
-        tx.commit().await.map_err(store::StoreError::from)?;
-        drop(client);
-        self.after_finish(message, &run, Some(workflow), settled, &result, started)
-            .await
+        })
     }
 
     /// Turns a claim into (fence, run), or into how the message was handled when it is
     /// not claimable (a duplicate, re-driven when redelivered; or a poison message).
-    async fn claimed(
+    pub(super) async fn claimed(
         &self,
         message: &TaskMessage,
         redelivered: bool,
@@ -322,7 +250,29 @@ fn uuid_time(id: &uuid::Uuid) -> Option<chrono::DateTime<chrono::Utc>> {
     chrono::DateTime::from_timestamp(secs as i64, nanos)
 }
 
+/// Counts a processed task message in `dagq_tasks_total`.
+pub(super) fn count_task(message: &TaskMessage, queue: &str, handled: &Handled) {
+    if let Handled::Done(outcome) = handled {
+        metrics::counter!(telemetry::TASKS_TOTAL,
+            "queue" => message.queue.clone().unwrap_or_else(|| queue.to_owned()),
+            "type" => message.kind.clone().unwrap_or_default(),
+            "outcome" => *outcome)
+        .increment(1);
+    }
+}
+
+/// The claim a task message makes on its node; a redelivered message may take over a
+/// node left running by a lost worker.
+pub(super) fn claim_request(message: &TaskMessage, redelivered: bool) -> ClaimRequest<'_> {
+    ClaimRequest {
+        run_id: message.run_id,
+        node_id: &message.node_id,
+        attempt: message.attempt,
+        take_over: redelivered,
+    }
+}
+
 /// Node types that run in-process and call nothing outside.
-fn is_builtin(kind: &str) -> bool {
+pub(super) fn is_builtin(kind: &str) -> bool {
     matches!(kind, "noop" | "transform")
 }

@@ -152,11 +152,7 @@ impl Engine {
                 let settled = settle(&tx, workflow, &run, roots, Vec::new()).await?;
                 tx.commit().await.map_err(store::StoreError::from)?;
                 tracing::info!(run = %run.run_id, workflow = %run.workflow, version = run.version, "run started");
-                self.publish_tasks(workflow, &run, &settled.queued).await?;
-                settled.count_skipped(workflow);
-                if let Some(state) = settled.run_finished {
-                    self.record_run_finished(&run, &state);
-                }
+                self.publish_settled(Some(workflow), &run, &settled).await?;
                 Ok(true)
             }
             StartedRun::Existing(run_id) => {

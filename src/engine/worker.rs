@@ -8,23 +8,21 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
-use tracing::field::Empty;
 
-use super::{Engine, EngineError, Handled};
+use super::delivery::{Held, Source, delivery_span, process, process_tasks};
+use super::{Engine, EngineError};
 use crate::adapter::{Breakers, Registry};
 use crate::alert::Alerter;
-use crate::broker::{self, DeadLetter, Publisher, Topology};
+use crate::broker::{self, Publisher, Topology};
 use crate::config::Settings;
 use crate::store::Store;
 use crate::telemetry::{self, Readiness};
@@ -69,6 +67,13 @@ impl Default for WorkerOptions {
 /// Dead letters are few and each is one insert: a small window is plenty.
 const DEAD_LETTER_PREFETCH: u16 = 16;
 
+/// Task batches processed at once by one worker. Few: while all are busy, deliveries
+/// gather into the next batches, which is what makes batching pay (group commit).
+const BATCHES_AT_ONCE: usize = 3;
+
+/// The most task deliveries in one batch.
+const MAX_BATCH: usize = 128;
+
 /// A worker: `run` it until its shutdown token is cancelled.
 #[derive(Debug)]
 pub struct Worker {
@@ -101,27 +106,11 @@ impl Readiness for Health {
 struct Consuming {
     engine: Engine,
     permits: Arc<Semaphore>,
+    /// Batches of task deliveries being processed at once (see `delivery.rs`).
+    batches: Arc<Semaphore>,
     tracker: TaskTracker,
     stop: CancellationToken,
     lost: mpsc::Sender<String>,
-}
-
-#[derive(Debug, Clone)]
-enum Source {
-    Triggers,
-    Tasks(String),
-    DeadLetters,
-}
-
-impl Source {
-    /// The `queue` field of a delivery's span.
-    fn label(&self) -> &str {
-        match self {
-            Source::Triggers => "triggers",
-            Source::Tasks(queue) => queue,
-            Source::DeadLetters => "dead",
-        }
-    }
 }
 
 impl Worker {
@@ -251,6 +240,7 @@ impl Worker {
         let consuming = Consuming {
             engine,
             permits: permits.clone(),
+            batches: Arc::new(Semaphore::new(BATCHES_AT_ONCE)),
             tracker: tracker.clone(),
             stop: shutdown.child_token(),
             lost: lost_tx,
@@ -461,26 +451,38 @@ async fn consume(
             permit = consuming.permits.clone().acquire_owned() => permit.ok(),
         };
         let Some(permit) = permit else {
-            let _ = delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    multiple: false,
-                })
-                .await;
+            requeue(&delivery).await;
             give_back(consumer).await;
             return;
         };
         let engine = consuming.engine.clone();
+        if let Source::Tasks(_) = &source {
+            let slot = tokio::select! {
+                biased;
+                _ = stop.cancelled() => None,
+                slot = consuming.batches.clone().acquire_owned() => slot.ok(),
+            };
+            let Some(slot) = slot else {
+                requeue(&delivery).await;
+                give_back(consumer).await;
+                return;
+            };
+            let (batch, ended) = gather(&mut consumer, (delivery, permit), &consuming.permits);
+            consuming.tracker.spawn(process_tasks(
+                engine,
+                source.clone(),
+                batch,
+                slot,
+                consuming.tracker.clone(),
+            ));
+            if let Some(why) = ended {
+                let _ = consuming.lost.send(why).await;
+                return;
+            }
+            continue;
+        }
+        let span = delivery_span(&source);
         let source = source.clone();
-        // Task handling records run, node and attempt once the message is parsed.
-        let span = tracing::info_span!(
-            "delivery",
-            queue = source.label(),
-            run = Empty,
-            node = Empty,
-            attempt = Empty
-        );
         consuming.tracker.spawn(
             async move {
                 let _permit = permit;
@@ -489,6 +491,38 @@ async fn consume(
             .instrument(span),
         );
     }
+}
+
+/// Adds to `first` the deliveries the consumer already holds, as long as there are free
+/// slots, up to `MAX_BATCH`. Returns them, and why the consumer ended if it did.
+fn gather(
+    consumer: &mut lapin::Consumer,
+    first: Held,
+    permits: &Arc<Semaphore>,
+) -> (Vec<Held>, Option<String>) {
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH {
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            break;
+        };
+        match consumer.next().now_or_never() {
+            None => break,
+            Some(Some(Ok(delivery))) => batch.push((delivery, permit)),
+            Some(Some(Err(e))) => return (batch, Some(e.to_string())),
+            Some(None) => return (batch, Some("consumer cancelled by the broker".into())),
+        }
+    }
+    (batch, None)
+}
+
+async fn requeue(delivery: &Delivery) {
+    let _ = delivery
+        .acker
+        .nack(BasicNackOptions {
+            requeue: true,
+            multiple: false,
+        })
+        .await;
 }
 
 /// Periodically republishes retries whose delayed message was lost, until `stop`.
@@ -512,13 +546,7 @@ async fn give_back(mut consumer: lapin::Consumer) {
     while let Ok(Some(Ok(delivery))) =
         tokio::time::timeout(Duration::from_millis(200), consumer.next()).await
     {
-        let _ = delivery
-            .acker
-            .nack(BasicNackOptions {
-                requeue: true,
-                multiple: false,
-            })
-            .await;
+        requeue(&delivery).await;
     }
 }
 
@@ -589,104 +617,6 @@ async fn paused_profiles(
 struct TaskConsumer {
     tag: String,
     stop: CancellationToken,
-}
-
-/// Processes one delivery and settles it with the broker: ack after the outcome is
-/// durable, requeue on a transient failure, dead-letter what can never be processed.
-async fn process(engine: &Engine, source: &Source, delivery: Delivery) {
-    let inflight = metrics::gauge!(telemetry::WORKER_INFLIGHT);
-    inflight.increment(1.0);
-    let topology = engine.publisher.topology();
-    let queue = match source {
-        Source::Triggers => topology.triggers_queue(),
-        Source::Tasks(queue) => topology.task_queue(queue),
-        Source::DeadLetters => topology.dead_queue(),
-    };
-    let result = match source {
-        Source::Triggers => {
-            let result = engine
-                .handle_trigger(&delivery.data, delivery.redelivered)
-                .await;
-            if let Ok(Handled::Done(outcome)) = &result {
-                metrics::counter!(telemetry::EVENTS_TOTAL, "outcome" => *outcome).increment(1);
-            }
-            result
-        }
-        Source::Tasks(queue) => {
-            engine
-                .handle_task(&delivery.data, delivery.redelivered, queue)
-                .await
-        }
-        Source::DeadLetters => {
-            engine
-                .handle_dead(&delivery.data, &delivery.properties)
-                .await
-        }
-    };
-    let settle = match result {
-        Ok(Handled::Done(outcome)) => {
-            tracing::debug!(outcome, "delivery processed");
-            Settle::Ack
-        }
-        Ok(Handled::Poison(poison)) => {
-            tracing::warn!(%queue, reason = poison.reason, detail = %poison.detail, "dead-lettering a message that cannot be processed");
-            dead_letter(engine, &delivery, &queue, poison.reason, &poison.detail).await
-        }
-        Err(e) if e.is_retryable() => {
-            tracing::warn!(%queue, error = %e, "cannot process now; requeueing");
-            // Back off so that a database outage does not spin the message in a hot loop.
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            Settle::Requeue
-        }
-        Err(e) => {
-            tracing::error!(%queue, error = %e, "cannot process; dead-lettering");
-            dead_letter(engine, &delivery, &queue, "internal", &e.to_string()).await
-        }
-    };
-    let settled = match settle {
-        Settle::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
-        Settle::Requeue => {
-            delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    multiple: false,
-                })
-                .await
-        }
-    };
-    if let Err(e) = settled {
-        // The channel is gone; the broker requeues the delivery by itself.
-        tracing::debug!(error = %e, "could not settle a delivery");
-    }
-    inflight.decrement(1.0);
-}
-
-enum Settle {
-    Ack,
-    Requeue,
-}
-
-async fn dead_letter(
-    engine: &Engine,
-    delivery: &Delivery,
-    queue: &str,
-    reason: &'static str,
-    detail: &str,
-) -> Settle {
-    let letter = DeadLetter {
-        reason: reason.into(),
-        detail: detail.into(),
-        source_queue: queue.into(),
-        body: delivery.data.clone(),
-    };
-    match engine.publish_dead(&letter).await {
-        Ok(()) => Settle::Ack,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot dead-letter now; requeueing");
-            Settle::Requeue
-        }
-    }
 }
 
 /// Exponential backoff between reconnection attempts: 100 ms doubling to 5 s.

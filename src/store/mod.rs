@@ -1,5 +1,6 @@
 //! Postgres: the source of truth. The pool, migrations, and the queries of each table.
 
+pub(crate) mod advance;
 mod backlog;
 pub(crate) mod control;
 mod dead_letters;

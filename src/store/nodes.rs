@@ -70,71 +70,116 @@ pub struct QueuedTask {
     pub kind: String,
 }
 
+/// One task message's claim on its node.
+#[derive(Debug, Clone)]
+pub(crate) struct ClaimRequest<'a> {
+    /// Run id.
+    pub run_id: Uuid,
+    /// Node id.
+    pub node_id: &'a str,
+    /// The attempt the message carries.
+    pub attempt: i32,
+    /// Whether a node left `running` at this attempt may be taken over (the message was
+    /// redelivered, so its first worker may have died).
+    pub take_over: bool,
+}
+
 /// Claims `(run, node, attempt)`: `queued → running`; `retrying → queued → running` when
 /// the message is the retry's (attempt one more than the node's); or `running → running`
 /// with a new fence when `take_over` (a redelivered message whose worker died).
 pub(crate) async fn claim(
     client: &impl GenericClient,
-    run_id: Uuid,
-    node_id: &str,
-    attempt: i32,
-    take_over: bool,
+    request: ClaimRequest<'_>,
 ) -> Result<Claim, StoreError> {
+    let mut claims = claim_all(client, std::slice::from_ref(&request)).await?;
+    Ok(claims.pop().expect("one claim per request"))
+}
+
+/// Claims many nodes in one statement; one `Claim` per request, in order. Of two
+/// requests for the same node, at most one claims it: the other is a duplicate.
+pub(crate) async fn claim_all(
+    client: &impl GenericClient,
+    requests: &[ClaimRequest<'_>],
+) -> Result<Vec<Claim>, StoreError> {
     let stmt = client
         .prepare_cached(
-            "WITH old AS (
-                 SELECT state, attempt FROM node_runs
-                 WHERE run_id = $1 AND node_id = $2 FOR UPDATE
+            "WITH m AS (
+                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::bool[])
+                     WITH ORDINALITY AS m(run_id, node_id, attempt, take_over, i)
+             ), old AS (
+                 SELECT m.i, n.run_id, n.node_id, n.state, n.attempt
+                 FROM m JOIN node_runs n ON n.run_id = m.run_id AND n.node_id = m.node_id
+                 FOR UPDATE OF n
              ), claimed AS (
                  UPDATE node_runs n
-                 SET state = 'running', attempt = $3, fence = n.fence + 1, started_at = now(),
-                     retry_at = NULL
-                 FROM old
-                 WHERE n.run_id = $1 AND n.node_id = $2
-                   AND ((old.state = 'queued' AND old.attempt = $3)
-                     OR (old.state = 'retrying' AND old.attempt + 1 = $3)
-                     OR (old.state = 'running' AND old.attempt = $3 AND $4))
-                 RETURNING n.fence, old.state AS from_state
+                 SET state = 'running', attempt = m.attempt, fence = n.fence + 1,
+                     started_at = now(), retry_at = NULL
+                 FROM old JOIN m ON m.i = old.i
+                 WHERE n.run_id = old.run_id AND n.node_id = old.node_id
+                   AND ((old.state = 'queued' AND old.attempt = m.attempt)
+                     OR (old.state = 'retrying' AND old.attempt + 1 = m.attempt)
+                     OR (old.state = 'running' AND old.attempt = m.attempt AND m.take_over))
+                 RETURNING old.i, n.run_id, n.node_id, n.attempt, n.fence, old.state AS from_state
              ), logged AS (
                  INSERT INTO transitions (run_id, node_id, from_state, to_state, attempt)
-                 SELECT $1, $2, 'retrying', 'queued', $3 FROM claimed WHERE from_state = 'retrying'
+                 SELECT run_id, node_id, 'retrying', 'queued', attempt
+                 FROM claimed WHERE from_state = 'retrying'
                  UNION ALL
-                 SELECT $1, $2, CASE from_state WHEN 'retrying' THEN 'queued' ELSE from_state END,
-                        'running', $3
+                 SELECT run_id, node_id,
+                        CASE from_state WHEN 'retrying' THEN 'queued' ELSE from_state END,
+                        'running', attempt
                  FROM claimed
              )
              SELECT old.state, old.attempt, claimed.fence, claimed.from_state,
                     r.workflow, r.version, r.event, r.input, r.priority
-             FROM old LEFT JOIN claimed ON true JOIN runs r ON r.id = $1",
+             FROM m LEFT JOIN old ON old.i = m.i LEFT JOIN claimed ON claimed.i = m.i
+                    LEFT JOIN runs r ON r.id = m.run_id
+             ORDER BY m.i",
         )
         .await?;
-    let row = client
-        .query_opt(&stmt, &[&run_id, &node_id, &attempt, &take_over])
+    let run_ids: Vec<Uuid> = requests.iter().map(|r| r.run_id).collect();
+    let node_ids: Vec<&str> = requests.iter().map(|r| r.node_id).collect();
+    let attempts: Vec<i32> = requests.iter().map(|r| r.attempt).collect();
+    let take_over: Vec<bool> = requests.iter().map(|r| r.take_over).collect();
+    let rows = client
+        .query(&stmt, &[&run_ids, &node_ids, &attempts, &take_over])
         .await?;
-    let Some(row) = row else {
-        return Ok(Claim::NotClaimable {
-            state: None,
-            attempt: 0,
-        });
-    };
-    match row.get::<_, Option<i64>>(2) {
-        Some(fence) => Ok(Claim::Claimed {
-            fence,
-            from_state: row.get(3),
-            run: RunContext {
-                run_id,
-                workflow: row.get(4),
-                version: row.get(5),
-                event: row.get(6),
-                input: row.get(7),
-                priority: row.get(8),
+    Ok(rows
+        .iter()
+        .zip(requests)
+        .map(|(row, request)| match row.get::<_, Option<i64>>(2) {
+            Some(fence) => Claim::Claimed {
+                fence,
+                from_state: row.get(3),
+                run: RunContext {
+                    run_id: request.run_id,
+                    workflow: row.get(4),
+                    version: row.get(5),
+                    event: row.get(6),
+                    input: row.get(7),
+                    priority: row.get(8),
+                },
             },
-        }),
-        None => Ok(Claim::NotClaimable {
-            state: Some(row.get(0)),
-            attempt: row.get(1),
-        }),
-    }
+            None => Claim::NotClaimable {
+                state: row.get(0),
+                attempt: row.get::<_, Option<i32>>(1).unwrap_or(0),
+            },
+        })
+        .collect())
+}
+
+/// Locks the runs named (`FOR NO KEY UPDATE`, in id order) before their nodes are
+/// finished. Every transaction that advances runs takes these locks first and in the
+/// same order, so transactions that advance several runs at once cannot deadlock.
+pub(crate) async fn lock_runs(
+    client: &impl GenericClient,
+    run_ids: &[Uuid],
+) -> Result<(), StoreError> {
+    let stmt = client
+        .prepare_cached("SELECT 1 FROM runs WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
+        .await?;
+    client.execute(&stmt, &[&run_ids]).await?;
+    Ok(())
 }
 
 /// The run a node belongs to, for re-driving without a claim.
@@ -181,33 +226,60 @@ pub(crate) async fn outputs(
         .collect())
 }
 
-/// `running → state` for the holder of `fence`. Returns false when the fence is stale
-/// (another worker took the node over), in which case nothing changed.
-pub(crate) async fn finish(
+/// A claimed node's final outcome, to be recorded by the holder of `fence`.
+#[derive(Debug, Clone)]
+pub(crate) struct Finishing<'a> {
+    /// Run id.
+    pub run_id: Uuid,
+    /// Node id.
+    pub node_id: &'a str,
+    /// The fence the claim wrote.
+    pub fence: i64,
+    /// `completed` or `failed`.
+    pub state: &'static str,
+    /// Output, when completed.
+    pub output: Option<&'a Value>,
+    /// Error, when failed.
+    pub error: Option<&'a str>,
+}
+
+/// `running → state` for each holder of its `fence`, in one statement. Returns the
+/// (run, node) pairs that changed; a node missing from it had a stale fence (another
+/// worker took it over), and nothing changed for it.
+pub(crate) async fn finish_all(
     client: &impl GenericClient,
-    run_id: Uuid,
-    node_id: &str,
-    fence: i64,
-    state: &str,
-    output: Option<&Value>,
-    error: Option<&str>,
-) -> Result<bool, StoreError> {
+    nodes: &[Finishing<'_>],
+) -> Result<Vec<(Uuid, String)>, StoreError> {
     let stmt = client
         .prepare_cached(
             "WITH done AS (
-                 UPDATE node_runs SET state = $4, output = $5, error = $6, finished_at = now()
-                 WHERE run_id = $1 AND node_id = $2 AND fence = $3 AND state = 'running'
-                 RETURNING attempt
+                 UPDATE node_runs n
+                 SET state = m.state, output = m.output, error = m.error, finished_at = now()
+                 FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::text[], $5::jsonb[],
+                             $6::text[]) AS m(run_id, node_id, fence, state, output, error)
+                 WHERE n.run_id = m.run_id AND n.node_id = m.node_id AND n.fence = m.fence
+                   AND n.state = 'running'
+                 RETURNING n.run_id, n.node_id, n.attempt, m.state, m.error
+             ), logged AS (
+                 INSERT INTO transitions (run_id, node_id, from_state, to_state, attempt, detail)
+                 SELECT run_id, node_id, 'running', state, attempt, error FROM done
              )
-             INSERT INTO transitions (run_id, node_id, from_state, to_state, attempt, detail)
-             SELECT $1, $2, 'running', $4, attempt, $6 FROM done
-             RETURNING attempt",
+             SELECT run_id, node_id FROM done",
         )
         .await?;
+    let run_ids: Vec<Uuid> = nodes.iter().map(|n| n.run_id).collect();
+    let node_ids: Vec<&str> = nodes.iter().map(|n| n.node_id).collect();
+    let fences: Vec<i64> = nodes.iter().map(|n| n.fence).collect();
+    let states: Vec<&str> = nodes.iter().map(|n| n.state).collect();
+    let outputs: Vec<Option<&Value>> = nodes.iter().map(|n| n.output).collect();
+    let errors: Vec<Option<&str>> = nodes.iter().map(|n| n.error).collect();
     let rows = client
-        .query(&stmt, &[&run_id, &node_id, &fence, &state, &output, &error])
+        .query(
+            &stmt,
+            &[&run_ids, &node_ids, &fences, &states, &outputs, &errors],
+        )
         .await?;
-    Ok(!rows.is_empty())
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// `running → retrying` for the holder of `fence`, due at `retry_at`. Returns false when
@@ -320,88 +392,6 @@ pub(crate) async fn retry_due(
     Ok(row.and_then(|r| r.get(0)))
 }
 
-/// Counts one finished dependency for each of `children` still `pending`, returning
-/// each child's remaining count. The row lock taken here is what makes the fan-in
-/// decision happen exactly once: concurrent parents queue on it.
-pub(crate) async fn count_finished_dependency(
-    client: &impl GenericClient,
-    run_id: Uuid,
-    children: &[String],
-) -> Result<Vec<(String, i32)>, StoreError> {
-    // A statement over no nodes changes nothing: skip the round trip.
-    if children.is_empty() {
-        return Ok(Vec::new());
-    }
-    let stmt = client
-        .prepare_cached(
-            "UPDATE node_runs SET deps_left = deps_left - 1
-             WHERE run_id = $1 AND node_id = ANY($2) AND state = 'pending'
-             RETURNING node_id, deps_left",
-        )
-        .await?;
-    let rows = client.query(&stmt, &[&run_id, &children]).await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-}
-
-/// `pending → queued` for the named nodes; returns the tasks to publish.
-pub(crate) async fn enqueue(
-    client: &impl GenericClient,
-    run_id: Uuid,
-    node_ids: &[String],
-) -> Result<Vec<QueuedTask>, StoreError> {
-    // A statement over no nodes changes nothing: skip the round trip.
-    if node_ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    let stmt = client
-        .prepare_cached(
-            "WITH q AS (
-                 UPDATE node_runs SET state = 'queued', queued_at = now()
-                 WHERE run_id = $1 AND node_id = ANY($2) AND state = 'pending'
-                 RETURNING node_id, attempt, queue, type
-             ), logged AS (
-                 INSERT INTO transitions (run_id, node_id, from_state, to_state, attempt)
-                 SELECT $1, node_id, 'pending', 'queued', attempt FROM q
-             )
-             SELECT node_id, attempt, queue, type FROM q",
-        )
-        .await?;
-    let rows = client.query(&stmt, &[&run_id, &node_ids]).await?;
-    Ok(rows.iter().map(queued_task).collect())
-}
-
-/// `pending → state` (`skipped`, or `failed` when a condition could not be evaluated)
-/// for the named nodes, with `reason` as their error; returns the ids actually changed.
-pub(crate) async fn close_pending(
-    client: &impl GenericClient,
-    run_id: Uuid,
-    node_ids: &[String],
-    state: &str,
-    reason: &str,
-) -> Result<Vec<String>, StoreError> {
-    // A statement over no nodes changes nothing: skip the round trip.
-    if node_ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    let stmt = client
-        .prepare_cached(
-            "WITH s AS (
-                 UPDATE node_runs SET state = $3, error = $4, finished_at = now()
-                 WHERE run_id = $1 AND node_id = ANY($2) AND state = 'pending'
-                 RETURNING node_id, attempt
-             ), logged AS (
-                 INSERT INTO transitions (run_id, node_id, from_state, to_state, attempt, detail)
-                 SELECT $1, node_id, 'pending', $3, attempt, $4 FROM s
-             )
-             SELECT node_id FROM s",
-        )
-        .await?;
-    let rows = client
-        .query(&stmt, &[&run_id, &node_ids, &state, &reason])
-        .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
-}
-
 /// Nodes of a run in state `queued`, optionally only among `among`: the follow-ups a
 /// redelivered message republishes.
 pub(crate) async fn queued_tasks(
@@ -419,47 +409,11 @@ pub(crate) async fn queued_tasks(
     Ok(rows.iter().map(queued_task).collect())
 }
 
-fn queued_task(row: &tokio_postgres::Row) -> QueuedTask {
+pub(super) fn queued_task(row: &tokio_postgres::Row) -> QueuedTask {
     QueuedTask {
         node_id: row.get(0),
         attempt: row.get(1),
         queue: row.get(2),
         kind: row.get(3),
     }
-}
-
-/// Counts `finished` nodes of a run as final (`failed` of them failed). When none is
-/// left, the run closes (`completed`, or `failed` if any node failed) and the new run
-/// state is returned.
-pub(crate) async fn count_finished_nodes(
-    client: &impl GenericClient,
-    run_id: Uuid,
-    finished: i32,
-    failed: i32,
-) -> Result<Option<String>, StoreError> {
-    let stmt = client
-        .prepare_cached(
-            "WITH r AS (
-                 UPDATE runs SET
-                     nodes_left = nodes_left - $2,
-                     failed_nodes = failed_nodes + $3,
-                     state = CASE WHEN nodes_left - $2 > 0 THEN state
-                                  WHEN failed_nodes + $3 > 0 THEN 'failed'
-                                  ELSE 'completed' END,
-                     finished_at = CASE WHEN nodes_left - $2 > 0 THEN NULL ELSE now() END
-                 WHERE id = $1 AND state = 'running'
-                 RETURNING state
-             ), logged AS (
-                 INSERT INTO transitions (run_id, node_id, from_state, to_state)
-                 SELECT $1, NULL, 'running', state FROM r WHERE state <> 'running'
-             )
-             SELECT state FROM r",
-        )
-        .await?;
-    let row = client
-        .query_opt(&stmt, &[&run_id, &finished, &failed])
-        .await?;
-    Ok(row
-        .map(|r| r.get::<_, String>(0))
-        .filter(|state| state != "running"))
 }
