@@ -1,11 +1,11 @@
-//! Built-in tasks in batches (group commit). The built-in task messages a worker holds
-//! at once are claimed, run and finished in one transaction of a few statements,
-//! whatever their number, and their follow-ups are published together. Each message
-//! keeps the rules of DESIGN §4: the claim is conditional and fenced, the fan-in is
-//! decided under the runs' locks, and every message is acked only after the commit and
-//! the confirms of what it caused.
+//! Tasks in batches (group commit). The built-in task messages a worker holds at once
+//! are claimed, run and finished in one transaction of a few statements, whatever
+//! their number; the outcomes of model calls that end together are recorded the same
+//! way (see `group_commit.rs`). Each message keeps the rules of DESIGN §4: the claim
+//! is conditional and fenced, the fan-in is decided under the runs' locks, and every
+//! message is acked only after the commit and the confirms of what it caused.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -17,21 +17,37 @@ use super::dag::{Finished, Progress, Settled, settle_all};
 use super::finish::{fenced, with_commit_retries};
 use super::task::{claim_request, is_builtin};
 use super::{Engine, EngineError, Handled, TaskMessage};
-use crate::adapter::AdapterError;
-use crate::broker::BrokerError;
+use crate::adapter::{AdapterError, ModelCall};
 use crate::store::nodes::{ClaimRequest, Finishing};
 use crate::store::{self, Claim, RunContext, StoreError};
 use crate::workflow::Workflow;
 
-/// What the batch's transaction did with one message.
+/// A claimed task's final outcome (completed, or failed for good), to be recorded.
+#[derive(Debug)]
+pub(super) struct Outcome {
+    pub message: TaskMessage,
+    pub fence: i64,
+    pub run: RunContext,
+    pub workflow: Arc<Workflow>,
+    pub result: Result<Value, AdapterError>,
+    /// The calls the attempt made, recorded in the same transaction.
+    pub calls: Vec<ModelCall>,
+    pub started: Instant,
+}
+
+/// What recording outcomes committed.
+#[derive(Debug, Default)]
+struct Recorded {
+    /// Per outcome, whether its fence held (else another worker took the node over).
+    finished: Vec<bool>,
+    /// Per run, what settling it caused.
+    settled: HashMap<Uuid, Settled>,
+}
+
+/// What a batch of built-in messages became in its transaction.
 enum Step {
-    /// Claimed, run and, unless its fence went stale, finished.
-    Ran {
-        run: RunContext,
-        workflow: Arc<Workflow>,
-        result: Result<Value, AdapterError>,
-        finished: bool,
-    },
+    /// Run; its outcome is the next in the batch's outcomes.
+    Ran,
     /// Claimed, but not a built-in after all (the type in a message is only a hint), or
     /// its workflow is gone: it goes on by the ordinary path, with its claim committed.
     HandedOff {
@@ -51,63 +67,26 @@ impl Engine {
         &self,
         batch: &[(TaskMessage, bool)],
     ) -> Result<Vec<Result<Handled, EngineError>>, EngineError> {
-        let started = Instant::now();
-        let (steps, mut settled) = with_commit_retries(|| self.run_batch(batch)).await?;
-        // Each run's follow-ups go out once, for all of its messages in the batch; a
-        // failed publish fails every one of them, so that each is redelivered and
-        // re-drives its own children.
-        let runs: Vec<(&RunContext, &Workflow, Settled)> = unique_runs(&steps)
-            .into_iter()
-            .map(|(run, workflow)| {
-                (
-                    run,
-                    workflow,
-                    settled.remove(&run.run_id).unwrap_or_default(),
-                )
-            })
-            .collect();
-        let published = join_all(runs.iter().map(|(run, workflow, settled)| async {
-            let outcome = self.publish_settled(Some(workflow), run, settled).await;
-            (run.run_id, outcome)
-        }))
-        .await;
-        let failed_runs: HashMap<Uuid, String> = published
-            .into_iter()
-            .filter_map(|(run, outcome)| outcome.err().map(|e| (run, e.to_string())))
-            .collect();
-        let outcomes = batch
+        let (steps, outcomes, recorded) = with_commit_retries(|| self.run_batch(batch)).await?;
+        let mut published = self.publish_outcomes(&outcomes, recorded).await.into_iter();
+        let handled = batch
             .iter()
             .zip(steps)
             .map(|((message, redelivered), step)| {
-                let failed_runs = &failed_runs;
+                let ran = match step {
+                    Step::Ran => published.next(),
+                    _ => None,
+                };
                 async move {
                     match step {
-                        Step::Ran {
-                            finished: false, ..
-                        } => Ok(fenced(message)),
-                        Step::Ran { run, result, .. } => match failed_runs.get(&run.run_id) {
-                            // Publishing only fails on the broker's side: requeue.
-                            Some(error) => Err(EngineError::Broker(BrokerError::Amqp(
-                                lapin::Error::from(std::io::Error::other(format!(
-                                    "follow-ups of run {} not published: {error}",
-                                    run.run_id
-                                ))),
-                            ))),
-                            None => self.after_task(message, &result, started).await,
-                        },
+                        Step::Ran => ran.expect("one result per outcome"),
                         Step::HandedOff {
                             fence,
                             run,
                             workflow,
                         } => {
-                            self.continue_claimed(
-                                message,
-                                fence,
-                                &run,
-                                workflow.as_deref(),
-                                started,
-                            )
-                            .await
+                            self.continue_claimed(message, fence, &run, workflow, Instant::now())
+                                .await
                         }
                         Step::NotClaimed(claim) => {
                             match self.claimed(message, *redelivered, claim).await? {
@@ -118,119 +97,227 @@ impl Engine {
                     }
                 }
             });
-        Ok(join_all(outcomes).await)
+        Ok(join_all(handled).await)
     }
 
-    /// The batch's transaction: lock the runs, claim every node, run the built-ins,
-    /// finish them and advance their runs.
-    async fn run_batch(
+    /// Claims the nodes of task messages together, in one transaction that locks their
+    /// runs first; one claim per message, in order. For model and HTTP tasks, whose
+    /// calls then run each on its own.
+    pub async fn claim_batch(
         &self,
         batch: &[(TaskMessage, bool)],
-    ) -> Result<(Vec<Step>, HashMap<Uuid, Settled>), StoreError> {
-        let mut client = self.store.client().await?;
-        let tx = client.transaction().await?;
-        let mut run_ids: Vec<Uuid> = batch.iter().map(|(m, _)| m.run_id).collect();
-        run_ids.sort();
-        run_ids.dedup();
-        store::nodes::lock_runs(&tx, &run_ids).await?;
+    ) -> Result<Vec<Claim>, EngineError> {
         let requests: Vec<ClaimRequest> = batch
             .iter()
             .map(|(message, redelivered)| claim_request(message, *redelivered))
             .collect();
+        let claims = with_commit_retries(|| async {
+            let mut client = self.store.client().await?;
+            let tx = client.transaction().await?;
+            lock_runs_of(&tx, batch.iter().map(|(m, _)| m.run_id)).await?;
+            let claims = store::nodes::claim_all(&tx, &requests).await?;
+            tx.commit().await?;
+            Ok(claims)
+        })
+        .await?;
+        Ok(claims)
+    }
+
+    /// Records final outcomes of claimed tasks in one transaction, then publishes what
+    /// they caused. Returns one result per outcome; `Err` when the transaction failed,
+    /// and then none of it took effect.
+    pub(super) async fn finish_batch(
+        &self,
+        outcomes: &[Outcome],
+    ) -> Result<Vec<Result<Handled, EngineError>>, EngineError> {
+        let recorded = with_commit_retries(|| async {
+            let mut client = self.store.client().await?;
+            let tx = client.transaction().await?;
+            lock_runs_of(&tx, outcomes.iter().map(|o| o.run.run_id)).await?;
+            let recorded = self.record_outcomes(&tx, outcomes).await?;
+            tx.commit().await?;
+            Ok(recorded)
+        })
+        .await?;
+        for outcome in outcomes {
+            self.count_calls(&outcome.calls);
+        }
+        Ok(self.publish_outcomes(outcomes, recorded).await)
+    }
+
+    /// The built-in batch's transaction: lock the runs, claim every node, run the
+    /// built-ins, then record their outcomes.
+    async fn run_batch(
+        &self,
+        batch: &[(TaskMessage, bool)],
+    ) -> Result<(Vec<Step>, Vec<Outcome>, Recorded), StoreError> {
+        let started = Instant::now();
+        let mut client = self.store.client().await?;
+        let tx = client.transaction().await?;
+        let requests: Vec<ClaimRequest> = batch
+            .iter()
+            .map(|(message, redelivered)| claim_request(message, *redelivered))
+            .collect();
+        // The claims may lock nodes of any of these runs: take the runs' locks first.
+        lock_runs_of(&tx, batch.iter().map(|(m, _)| m.run_id)).await?;
         let claims = store::nodes::claim_all(&tx, &requests).await?;
         let mut steps = Vec::with_capacity(batch.len());
-        let mut fences = Vec::with_capacity(batch.len());
+        let mut outcomes = Vec::new();
         for ((message, _), claim) in batch.iter().zip(claims) {
             let Claim::Claimed { fence, run, .. } = claim else {
                 steps.push(Step::NotClaimed(claim));
-                fences.push(0);
                 continue;
             };
-            let workflow = self.workflow(&run.workflow, run.version).await?;
-            let node = workflow.as_deref().and_then(|w| w.node(&message.node_id));
-            let step = match (&workflow, node) {
-                (Some(found), Some(node)) if is_builtin(node.kind.as_str()) => {
+            let workflow = self.workflow_in(&tx, &run.workflow, run.version).await?;
+            let builtin = workflow
+                .as_deref()
+                .and_then(|w| w.node(&message.node_id))
+                .filter(|node| is_builtin(node.kind.as_str()));
+            match (&workflow, builtin) {
+                (Some(found), Some(node)) => {
                     let result = self.run_builtin(&tx, found, &run, node, message).await?;
-                    Step::Ran {
+                    steps.push(Step::Ran);
+                    outcomes.push(Outcome {
+                        message: message.clone(),
+                        fence,
                         workflow: found.clone(),
                         run,
                         result,
-                        finished: false,
-                    }
+                        calls: Vec::new(),
+                        started,
+                    });
                 }
-                _ => Step::HandedOff {
+                _ => steps.push(Step::HandedOff {
                     fence,
                     run,
                     workflow,
-                },
-            };
-            steps.push(step);
-            fences.push(fence);
-        }
-        let errors: Vec<Option<String>> = steps
-            .iter()
-            .map(|step| match step {
-                Step::Ran { result: Err(e), .. } => Some(e.to_string()),
-                _ => None,
-            })
-            .collect();
-        let finishing: Vec<Finishing> = batch
-            .iter()
-            .zip(&steps)
-            .zip(fences.iter().zip(&errors))
-            .filter_map(|(((message, _), step), (fence, error))| match step {
-                Step::Ran { result, .. } => Some(Finishing {
-                    run_id: message.run_id,
-                    node_id: &message.node_id,
-                    fence: *fence,
-                    state: finished_as(result).as_str(),
-                    output: result.as_ref().ok(),
-                    error: error.as_deref(),
                 }),
-                _ => None,
+            }
+        }
+        let recorded = self.record_outcomes(&tx, &outcomes).await?;
+        tx.commit().await?;
+        Ok((steps, outcomes, recorded))
+    }
+
+    /// In `tx`, which holds the runs' locks: records the outcomes' calls, finishes
+    /// their nodes and advances their runs.
+    async fn record_outcomes(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        outcomes: &[Outcome],
+    ) -> Result<Recorded, StoreError> {
+        if outcomes.is_empty() {
+            return Ok(Recorded::default());
+        }
+        for outcome in outcomes.iter().filter(|o| !o.calls.is_empty()) {
+            let m = &outcome.message;
+            store::model_calls::insert_model_calls(
+                tx,
+                m.run_id,
+                &m.node_id,
+                m.attempt,
+                &outcome.calls,
+            )
+            .await?;
+        }
+        let errors: Vec<Option<String>> = outcomes
+            .iter()
+            .map(|o| o.result.as_ref().err().map(|e| e.to_string()))
+            .collect();
+        let finishing: Vec<Finishing> = outcomes
+            .iter()
+            .zip(&errors)
+            .map(|(o, error)| Finishing {
+                run_id: o.message.run_id,
+                node_id: &o.message.node_id,
+                fence: o.fence,
+                state: finished_as(&o.result).as_str(),
+                output: o.result.as_ref().ok(),
+                error: error.as_deref(),
             })
             .collect();
-        let done: std::collections::HashSet<(Uuid, String)> =
-            store::nodes::finish_all(&tx, &finishing)
-                .await?
-                .into_iter()
-                .collect();
-        drop(finishing);
-        // Each run's finished nodes, in the batch's order.
+        let done: HashSet<(Uuid, String)> = store::nodes::finish_all(tx, &finishing)
+            .await?
+            .into_iter()
+            .collect();
+        let finished: Vec<bool> = outcomes
+            .iter()
+            .map(|o| done.contains(&(o.message.run_id, o.message.node_id.clone())))
+            .collect();
+        // Each run's finished nodes, in order, with the first outcome of the run.
         let mut by_run: BTreeMap<Uuid, (usize, Vec<(String, Finished)>)> = BTreeMap::new();
-        for (i, ((message, _), step)) in batch.iter().zip(steps.iter_mut()).enumerate() {
-            if let Step::Ran {
-                result, finished, ..
-            } = step
-                && done.contains(&(message.run_id, message.node_id.clone()))
-            {
-                *finished = true;
-                by_run
-                    .entry(message.run_id)
-                    .or_insert_with(|| (i, Vec::new()))
-                    .1
-                    .push((message.node_id.clone(), finished_as(result)));
-            }
+        for (i, o) in outcomes.iter().enumerate().filter(|(i, _)| finished[*i]) {
+            by_run
+                .entry(o.run.run_id)
+                .or_insert_with(|| (i, Vec::new()))
+                .1
+                .push((o.message.node_id.clone(), finished_as(&o.result)));
         }
         let progress: Vec<Progress> = by_run
             .values()
-            .map(|(first, finished)| {
-                let Step::Ran { run, workflow, .. } = &steps[*first] else {
-                    unreachable!("only finished steps are grouped")
-                };
-                Progress {
-                    workflow,
-                    run,
-                    ready: Vec::new(),
-                    finished: finished.clone(),
-                }
+            .map(|(first, nodes)| Progress {
+                workflow: &outcomes[*first].workflow,
+                run: &outcomes[*first].run,
+                ready: Vec::new(),
+                finished: nodes.clone(),
             })
             .collect();
-        let settled = settle_all(&tx, progress).await?;
-        tx.commit().await?;
-        let settled = by_run.keys().copied().zip(settled).collect();
-        Ok((steps, settled))
+        let settled = settle_all(tx, progress).await?;
+        Ok(Recorded {
+            finished,
+            settled: by_run.keys().copied().zip(settled).collect(),
+        })
     }
+
+    /// After the commit: each run's follow-ups go out once, for all of its outcomes; a
+    /// failed publish fails every one of them, so that each is redelivered and re-drives
+    /// its own children. Then what is left of each task. One result per outcome.
+    async fn publish_outcomes(
+        &self,
+        outcomes: &[Outcome],
+        mut recorded: Recorded,
+    ) -> Vec<Result<Handled, EngineError>> {
+        let runs: Vec<(&Outcome, Settled)> = outcomes
+            .iter()
+            .filter_map(|o| Some((o, recorded.settled.remove(&o.run.run_id)?)))
+            .collect();
+        let published = join_all(runs.iter().map(|(o, settled)| async {
+            let published = self
+                .publish_settled(Some(&o.workflow), &o.run, settled)
+                .await;
+            (o.run.run_id, published)
+        }))
+        .await;
+        let failed_runs: HashMap<Uuid, String> = published
+            .into_iter()
+            .filter_map(|(run, published)| published.err().map(|e| (run, e.to_string())))
+            .collect();
+        let tasks = outcomes.iter().zip(recorded.finished).map(|(o, finished)| {
+            let failed = failed_runs.get(&o.run.run_id);
+            async move {
+                match (finished, failed) {
+                    (false, _) => Ok(fenced(&o.message)),
+                    (true, Some(error)) => Err(EngineError::Interrupted(format!(
+                        "follow-ups of run {} not published: {error}",
+                        o.run.run_id
+                    ))),
+                    (true, None) => self.after_task(&o.message, &o.result, o.started).await,
+                }
+            }
+        });
+        join_all(tasks).await
+    }
+}
+
+/// Locks the runs named, each once and in id order: see [`store::nodes::lock_runs`].
+async fn lock_runs_of(
+    tx: &deadpool_postgres::Transaction<'_>,
+    run_ids: impl Iterator<Item = Uuid>,
+) -> Result<(), StoreError> {
+    let mut run_ids: Vec<Uuid> = run_ids.collect();
+    run_ids.sort();
+    run_ids.dedup();
+    store::nodes::lock_runs(tx, &run_ids).await
 }
 
 fn finished_as(result: &Result<Value, AdapterError>) -> Finished {
@@ -239,21 +326,4 @@ fn finished_as(result: &Result<Value, AdapterError>) -> Finished {
     } else {
         Finished::Failed
     }
-}
-
-/// The runs the batch finished nodes of, each once.
-fn unique_runs(steps: &[Step]) -> Vec<(&RunContext, &Workflow)> {
-    let mut seen = std::collections::HashSet::new();
-    steps
-        .iter()
-        .filter_map(|step| match step {
-            Step::Ran {
-                run,
-                workflow,
-                finished: true,
-                ..
-            } if seen.insert(run.run_id) => Some((run, workflow.as_ref())),
-            _ => None,
-        })
-        .collect()
 }

@@ -3,7 +3,7 @@
 //! Task deliveries that arrive together are processed together: their built-in tasks
 //! as one batch (see `batch.rs`), the others each on its own.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use lapin::message::Delivery;
@@ -15,7 +15,7 @@ use tracing::field::Empty;
 
 use super::messages::parse_task;
 use super::task::{count_task, is_builtin};
-use super::{Engine, EngineError, Handled};
+use super::{Engine, EngineError, Handled, TaskMessage};
 use crate::broker::DeadLetter;
 use crate::telemetry;
 
@@ -63,9 +63,10 @@ pub(super) fn delivery_span(source: &Source) -> tracing::Span {
     )
 }
 
-/// Processes task deliveries that arrived together: the built-in ones as one batch,
-/// the others each in a task of its own. `slot` (a batch slot) is held until the
-/// batch is settled: while every slot is busy, deliveries gather into larger batches.
+/// Processes task deliveries that arrived together: the built-in ones as one batch; the
+/// others are claimed together, then each calls out in a task of its own. `slot` (a
+/// batch slot) is held until the database work is done: while every slot is busy,
+/// deliveries gather into larger batches.
 pub(super) async fn process_tasks(
     engine: Engine,
     source: Source,
@@ -74,23 +75,22 @@ pub(super) async fn process_tasks(
     tracker: TaskTracker,
 ) {
     let mut builtins = Vec::new();
+    let mut calls = Vec::new();
     for (delivery, permit) in deliveries {
         match parse_task(&delivery.data) {
             Ok(message) if message.kind.as_deref().is_some_and(is_builtin) => {
                 builtins.push((delivery, permit, message));
             }
-            _ => {
-                let (engine, source) = (engine.clone(), source.clone());
-                let span = delivery_span(&source);
-                tracker.spawn(
-                    async move {
-                        let _permit = permit;
-                        process(&engine, &source, delivery).await;
-                    }
-                    .instrument(span),
-                );
-            }
+            Ok(message) => calls.push((delivery, permit, message)),
+            // A poison message takes the ordinary path, which dead-letters it.
+            Err(_) => spawn_alone(&engine, &source, &tracker, (delivery, permit)),
         }
+    }
+    if calls.len() == 1 {
+        let (delivery, permit, _) = calls.pop().expect("one");
+        spawn_alone(&engine, &source, &tracker, (delivery, permit));
+    } else if !calls.is_empty() {
+        claim_together(&engine, &source, &tracker, calls).await;
     }
     if builtins.len() == 1 {
         let (delivery, _permit, _) = builtins.pop().expect("one");
@@ -105,13 +105,73 @@ pub(super) async fn process_tasks(
     drop(slot);
 }
 
+fn spawn_alone(engine: &Engine, source: &Source, tracker: &TaskTracker, (delivery, permit): Held) {
+    let (engine, source) = (engine.clone(), source.clone());
+    let span = delivery_span(&source);
+    tracker.spawn(
+        async move {
+            let _permit = permit;
+            process(&engine, &source, delivery).await;
+        }
+        .instrument(span),
+    );
+}
+
+/// Claims model and HTTP tasks in one transaction, then lets each go on alone. When the
+/// claims fail for good, each delivery is processed alone.
+async fn claim_together(
+    engine: &Engine,
+    source: &Source,
+    tracker: &TaskTracker,
+    calls: Vec<(Delivery, OwnedSemaphorePermit, TaskMessage)>,
+) {
+    let messages: Vec<_> = calls
+        .iter()
+        .map(|(delivery, _, message)| (message.clone(), delivery.redelivered))
+        .collect();
+    let started = Instant::now();
+    let claims = match engine.claim_batch(&messages).await {
+        Ok(claims) => claims,
+        Err(e) => {
+            tracing::warn!(error = %e, size = calls.len(), "claiming a batch failed; processing its tasks one by one");
+            for (delivery, permit, _) in calls {
+                spawn_alone(engine, source, tracker, (delivery, permit));
+            }
+            return;
+        }
+    };
+    for ((delivery, permit, message), claim) in calls.into_iter().zip(claims) {
+        let (engine, source) = (engine.clone(), source.clone());
+        let span = delivery_span(&source);
+        span.record("run", tracing::field::display(message.run_id));
+        span.record("node", message.node_id.as_str());
+        span.record("attempt", message.attempt);
+        tracker.spawn(
+            async move {
+                let inflight = metrics::gauge!(telemetry::WORKER_INFLIGHT);
+                inflight.increment(1.0);
+                let outcome = engine
+                    .after_claim(&message, delivery.redelivered, claim, started)
+                    .await;
+                if let Ok(handled) = &outcome {
+                    count_task(&message, source.label(), handled);
+                }
+                settle(&engine, &source.queue(&engine), &delivery, outcome).await;
+                drop(permit);
+                inflight.decrement(1.0);
+            }
+            .instrument(span),
+        );
+    }
+}
+
 /// Processes built-in task deliveries as one batch. When the batch's transaction
 /// fails for good, each delivery is processed alone, so that one bad task cannot hold
 /// up the others.
 async fn process_batch(
     engine: &Engine,
     source: &Source,
-    batch: Vec<(Delivery, OwnedSemaphorePermit, super::TaskMessage)>,
+    batch: Vec<(Delivery, OwnedSemaphorePermit, TaskMessage)>,
 ) {
     let inflight = metrics::gauge!(telemetry::WORKER_INFLIGHT);
     inflight.increment(batch.len() as f64);

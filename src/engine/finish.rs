@@ -1,11 +1,13 @@
 //! Recording an attempt's outcome: complete or fail the node and advance the DAG in one
 //! transaction, or schedule a retry; then publish what that committed.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::dag::{Finished, Settled, settle};
+use super::batch::Outcome;
+use super::dag::{Finished, Settled};
 use super::retry::next_delay;
 use super::{Engine, EngineError, Handled, TaskMessage};
 use crate::adapter::{AdapterError, ModelCall};
@@ -27,59 +29,93 @@ impl Engine {
         message: &TaskMessage,
         fence: i64,
         run: &RunContext,
-        workflow: Option<&Workflow>,
+        workflow: Option<Arc<Workflow>>,
         result: Result<Value, AdapterError>,
-        calls: &[ModelCall],
+        calls: Vec<ModelCall>,
         started: Instant,
     ) -> Result<Handled, EngineError> {
-        let node = workflow.and_then(|w| w.node(&message.node_id));
+        let node = workflow.as_deref().and_then(|w| w.node(&message.node_id));
         if let (
             Err(AdapterError::BreakerOpen {
                 profile,
                 retry_after,
             }),
             Some(workflow),
-        ) = (&result, workflow)
+        ) = (&result, workflow.as_deref())
         {
             return self
-                .defer(message, fence, run, workflow, profile, *retry_after, calls)
+                .defer(message, fence, run, workflow, profile, *retry_after, &calls)
                 .await;
         }
         if let Err(error) = &result {
             let policy = node.and_then(|n| n.retry.clone()).unwrap_or_default();
-            if let (Some(workflow), Some(delay)) =
-                (workflow, next_delay(&policy, message.attempt, error))
-            {
+            if let (Some(workflow), Some(delay)) = (
+                workflow.as_deref(),
+                next_delay(&policy, message.attempt, error),
+            ) {
                 return self
-                    .retry_later(message, fence, run, workflow, error, delay, calls)
+                    .retry_later(message, fence, run, workflow, error, delay, &calls)
                     .await;
             }
         }
+        let Some(workflow) = workflow else {
+            return self
+                .finish_orphan(message, fence, run, result, &calls, started)
+                .await;
+        };
+        let outcome = Outcome {
+            message: message.clone(),
+            fence,
+            run: run.clone(),
+            workflow,
+            result,
+            calls,
+            started,
+        };
+        match &self.group_commit {
+            Some(group) => group.finish(self, outcome).await,
+            None => {
+                let mut results = self.finish_batch(std::slice::from_ref(&outcome)).await?;
+                results.pop().expect("one result per outcome")
+            }
+        }
+    }
+
+    /// Records the outcome of a node whose workflow version is not stored: the node
+    /// fails and counts against its run, but the DAG cannot advance; the rest is left
+    /// for an operator.
+    async fn finish_orphan(
+        &self,
+        message: &TaskMessage,
+        fence: i64,
+        run: &RunContext,
+        result: Result<Value, AdapterError>,
+        calls: &[ModelCall],
+        started: Instant,
+    ) -> Result<Handled, EngineError> {
         let settled = with_commit_retries(|| async {
             let mut client = self.store.client().await?;
             let tx = client.transaction().await?;
             record_calls_in(&tx, message, calls).await?;
-            let settled = self
-                .finish_in(&tx, message, fence, run, workflow, &result)
-                .await?;
+            let settled = self.finish_in(&tx, message, fence, run, &result).await?;
             tx.commit().await?;
             Ok(settled)
         })
         .await?;
         self.count_calls(calls);
-        self.after_finish(message, run, workflow, settled, &result, started)
+        self.after_finish(message, run, None, settled, &result, started)
             .await
     }
 
-    /// Records `running → completed | failed` for the holder of `fence` and advances the
-    /// DAG, inside the caller's transaction; `None` when the fence is stale.
-    pub(super) async fn finish_in(
+    /// Records `running → completed | failed` for the holder of `fence` and counts the
+    /// node against its run, inside the caller's transaction; `None` when the fence is
+    /// stale.
+    async fn finish_in(
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
         message: &TaskMessage,
         fence: i64,
         run: &RunContext,
-        workflow: Option<&Workflow>,
         result: &Result<Value, AdapterError>,
     ) -> Result<Option<Settled>, StoreError> {
         let (outcome, output, error) = match result {
@@ -98,29 +134,15 @@ impl Engine {
         if store::nodes::finish_all(tx, &[finishing]).await?.is_empty() {
             return Ok(None);
         }
-        let settled = match workflow {
-            Some(workflow) => {
-                settle(
-                    tx,
-                    workflow,
-                    run,
-                    Vec::new(),
-                    vec![(message.node_id.clone(), outcome)],
-                )
-                .await?
-            }
-            // Without its workflow the DAG cannot advance: count the node, close the run
-            // if it was the last, and leave the rest for an operator.
-            None => Settled {
-                queued: Vec::new(),
-                skipped: Vec::new(),
-                run_finished: store::advance::count_finished_nodes(tx, &[(run.run_id, 1, 1)])
-                    .await?
-                    .pop()
-                    .map(|(_, state)| state),
-            },
-        };
-        Ok(Some(settled))
+        let failed = i32::from(outcome == Finished::Failed);
+        let run_finished = store::advance::count_finished_nodes(tx, &[(run.run_id, 1, failed)])
+            .await?
+            .pop()
+            .map(|(_, state)| state);
+        Ok(Some(Settled {
+            run_finished,
+            ..Settled::default()
+        }))
     }
 
     /// Publishes what a committed finish caused: the next tasks, a dead letter for a

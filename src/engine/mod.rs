@@ -8,6 +8,7 @@ pub mod dag;
 mod dead;
 mod delivery;
 mod finish;
+mod group_commit;
 pub mod messages;
 mod operate;
 mod publish;
@@ -42,6 +43,10 @@ pub enum EngineError {
     /// An operator asked for something that cannot be done.
     #[error("{0}")]
     Invalid(String),
+    /// Processing stopped short of a settled outcome (a group's follow-ups were not
+    /// published, a committer stopped): requeueing the message redoes or re-drives it.
+    #[error("{0}")]
+    Interrupted(String),
 }
 
 impl EngineError {
@@ -51,6 +56,7 @@ impl EngineError {
             EngineError::Store(e) => e.is_retryable(),
             EngineError::Broker(e) => e.is_retryable(),
             EngineError::Invalid(_) => false,
+            EngineError::Interrupted(_) => true,
         }
     }
 }
@@ -75,6 +81,9 @@ pub struct Engine {
     adapters: Registry,
     alerter: Option<Alerter>,
     workflows: Arc<Mutex<WorkflowCache>>,
+    /// Where model and HTTP tasks' outcomes are recorded together; `None` records each
+    /// on its own.
+    group_commit: Option<group_commit::GroupCommit>,
 }
 
 impl Engine {
@@ -86,7 +95,15 @@ impl Engine {
             adapters,
             alerter: None,
             workflows: Arc::default(),
+            group_commit: None,
         }
+    }
+
+    /// The same engine, recording the outcomes of tasks that finish together in one
+    /// transaction (see `group_commit.rs`). For workers, which finish many at once.
+    pub fn with_group_commit(mut self) -> Self {
+        self.group_commit = Some(group_commit::GroupCommit::start(self.clone()));
+        self
     }
 
     /// The same engine, sending alerts and opening incidents through `alerter`.
@@ -119,12 +136,27 @@ impl Engine {
         name: &str,
         version: i32,
     ) -> Result<Option<Arc<Workflow>>, StoreError> {
+        if let Some(found) = self.cached(&(name.to_owned(), version)) {
+            return Ok(Some(found));
+        }
+        let client = self.store.client().await?;
+        self.workflow_in(&client, name, version).await
+    }
+
+    /// The same, read through `client` on a miss: a transaction that holds locks reads
+    /// it there rather than wait for a second connection.
+    async fn workflow_in(
+        &self,
+        client: &impl deadpool_postgres::GenericClient,
+        name: &str,
+        version: i32,
+    ) -> Result<Option<Arc<Workflow>>, StoreError> {
         let key = (name.to_owned(), version);
         if let Some(found) = self.cached(&key) {
             return Ok(Some(found));
         }
         let Some((version, definition)) =
-            self.store.workflow_definition(name, Some(version)).await?
+            crate::store::workflows::definition(client, name, Some(version)).await?
         else {
             return Ok(None);
         };

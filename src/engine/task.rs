@@ -2,6 +2,7 @@
 //! transaction, then record the outcome and advance the DAG in one transaction, and only
 //! then publish the follow-ups. See DESIGN §4 for the rules this implements.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -54,12 +55,24 @@ impl Engine {
         let client = self.store.client().await?;
         let claim = store::nodes::claim(&client, claim_request(message, redelivered)).await?;
         drop(client);
+        self.after_claim(message, redelivered, claim, started).await
+    }
+
+    /// Goes on from a claim: runs the node if it was claimed, else handles the message
+    /// as the duplicate (or poison) it is.
+    pub(super) async fn after_claim(
+        &self,
+        message: &TaskMessage,
+        redelivered: bool,
+        claim: Claim,
+        started: Instant,
+    ) -> Result<Handled, EngineError> {
         let (fence, run) = match self.claimed(message, redelivered, claim).await? {
             Ok(claimed) => claimed,
             Err(handled) => return Ok(handled),
         };
         let workflow = self.workflow(&run.workflow, run.version).await?;
-        self.continue_claimed(message, fence, &run, workflow.as_deref(), started)
+        self.continue_claimed(message, fence, &run, workflow, started)
             .await
     }
 
@@ -70,7 +83,7 @@ impl Engine {
         message: &TaskMessage,
         fence: i64,
         run: &RunContext,
-        workflow: Option<&Workflow>,
+        workflow: Option<Arc<Workflow>>,
         started: Instant,
     ) -> Result<Handled, EngineError> {
         let Some(workflow) = workflow else {
@@ -80,11 +93,11 @@ impl Engine {
             );
             let error = Err(AdapterError::Config(error));
             return self
-                .finish(message, fence, run, None, error, &[], started)
+                .finish(message, fence, run, None, error, Vec::new(), started)
                 .await;
         };
-        let (result, calls) = self.execute(workflow, run, message).await?;
-        self.finish(message, fence, run, Some(workflow), result, &calls, started)
+        let (result, calls) = self.execute(&workflow, run, message).await?;
+        self.finish(message, fence, run, Some(workflow), result, calls, started)
             .await
     }
 

@@ -234,8 +234,9 @@ impl Worker {
         let breakers = Breakers::new(store.clone(), self.settings.file.breaker.clone());
         let registry = Registry::new(&self.settings.file).with_breakers(breakers.clone());
         let alerter = Alerter::new(self.settings.file.alerts.clone(), store.clone());
-        let engine =
-            Engine::new(store.clone(), publisher.clone(), registry.clone()).with_alerter(alerter);
+        let engine = Engine::new(store.clone(), publisher.clone(), registry.clone())
+            .with_alerter(alerter)
+            .with_group_commit();
         let (lost_tx, mut lost) = mpsc::channel(4);
         let consuming = Consuming {
             engine,

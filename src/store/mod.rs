@@ -8,7 +8,7 @@ mod migrate;
 pub(crate) mod model_calls;
 pub(crate) mod nodes;
 pub(crate) mod runs;
-mod workflows;
+pub(crate) mod workflows;
 
 use std::str::FromStr;
 use std::time::Duration;

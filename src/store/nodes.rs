@@ -97,6 +97,8 @@ pub(crate) async fn claim(
 
 /// Claims many nodes in one statement; one `Claim` per request, in order. Of two
 /// requests for the same node, at most one claims it: the other is a duplicate.
+/// (`run_id = ANY($1)` keeps the plan on the index while the tables are new; see
+/// `advance.rs`.)
 pub(crate) async fn claim_all(
     client: &impl GenericClient,
     requests: &[ClaimRequest<'_>],
@@ -109,13 +111,14 @@ pub(crate) async fn claim_all(
              ), old AS (
                  SELECT m.i, n.run_id, n.node_id, n.state, n.attempt
                  FROM m JOIN node_runs n ON n.run_id = m.run_id AND n.node_id = m.node_id
+                 WHERE n.run_id = ANY($1)
                  FOR UPDATE OF n
              ), claimed AS (
                  UPDATE node_runs n
                  SET state = 'running', attempt = m.attempt, fence = n.fence + 1,
                      started_at = now(), retry_at = NULL
                  FROM old JOIN m ON m.i = old.i
-                 WHERE n.run_id = old.run_id AND n.node_id = old.node_id
+                 WHERE n.run_id = old.run_id AND n.node_id = old.node_id AND n.run_id = ANY($1)
                    AND ((old.state = 'queued' AND old.attempt = m.attempt)
                      OR (old.state = 'retrying' AND old.attempt + 1 = m.attempt)
                      OR (old.state = 'running' AND old.attempt = m.attempt AND m.take_over))
@@ -133,7 +136,7 @@ pub(crate) async fn claim_all(
              SELECT old.state, old.attempt, claimed.fence, claimed.from_state,
                     r.workflow, r.version, r.event, r.input, r.priority
              FROM m LEFT JOIN old ON old.i = m.i LEFT JOIN claimed ON claimed.i = m.i
-                    LEFT JOIN runs r ON r.id = m.run_id
+                    LEFT JOIN runs r ON r.id = m.run_id AND r.id = ANY($1)
              ORDER BY m.i",
         )
         .await?;
@@ -258,7 +261,7 @@ pub(crate) async fn finish_all(
                  FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::text[], $5::jsonb[],
                              $6::text[]) AS m(run_id, node_id, fence, state, output, error)
                  WHERE n.run_id = m.run_id AND n.node_id = m.node_id AND n.fence = m.fence
-                   AND n.state = 'running'
+                   AND n.state = 'running' AND n.run_id = ANY($1)
                  RETURNING n.run_id, n.node_id, n.attempt, m.state, m.error
              ), logged AS (
                  INSERT INTO transitions (run_id, node_id, from_state, to_state, attempt, detail)

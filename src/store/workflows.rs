@@ -1,6 +1,7 @@
 //! The `workflows` table: one row per applied version.
 
 use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -84,15 +85,7 @@ impl Store {
         version: Option<i32>,
     ) -> Result<Option<(i32, Value)>, StoreError> {
         let client = self.client().await?;
-        let row = client
-            .query_opt(
-                "SELECT version, definition FROM workflows
-                 WHERE name = $1 AND ($2::int IS NULL OR version = $2)
-                 ORDER BY version DESC LIMIT 1",
-                &[&name, &version],
-            )
-            .await?;
-        Ok(row.map(|r| (r.get(0), r.get(1))))
+        definition(&client, name, version).await
     }
 
     /// (name, latest version) of every workflow whose versions an event of `event_type`
@@ -160,4 +153,22 @@ impl Store {
             .await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
+}
+
+/// A workflow's definition (the latest version when `version` is `None`), read through
+/// `client`: a pooled connection, or a transaction in progress.
+pub(crate) async fn definition(
+    client: &impl GenericClient,
+    name: &str,
+    version: Option<i32>,
+) -> Result<Option<(i32, Value)>, StoreError> {
+    let row = client
+        .query_opt(
+            "SELECT version, definition FROM workflows
+             WHERE name = $1 AND ($2::int IS NULL OR version = $2)
+             ORDER BY version DESC LIMIT 1",
+            &[&name, &version],
+        )
+        .await?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
 }

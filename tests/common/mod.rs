@@ -270,6 +270,10 @@ pub struct WorkerHandle {
 impl WorkerHandle {
     /// Runs `worker` on a task of its own until `stop`.
     pub fn spawn(worker: Worker) -> WorkerHandle {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("dagq=debug"))
+            .with_test_writer()
+            .try_init();
         let shutdown = CancellationToken::new();
         let join = tokio::spawn(worker.run(shutdown.clone()));
         WorkerHandle {
