@@ -129,8 +129,8 @@ pub async fn bench_diamond(
     let shutdown = CancellationToken::new();
     let (env, queues) = prepare(base, bench, &shutdown).await?;
     let result = flood(&env, bench).await;
-    env.cleanup(&queues).await;
     shutdown.cancel();
+    env.cleanup(&queues).await;
     result
 }
 
@@ -263,8 +263,8 @@ pub async fn bench_latency(base: &Settings, runs: u64) -> Result<Percentiles, Be
     };
     let (env, queues) = prepare(base, &bench, &shutdown).await?;
     let result = one_by_one(&env, runs).await;
-    env.cleanup(&queues).await;
     shutdown.cancel();
+    env.cleanup(&queues).await;
     result
 }
 

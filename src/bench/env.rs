@@ -91,11 +91,14 @@ impl BenchEnv {
             let _ = worker.kill();
             let _ = worker.wait();
         }
+        // Our own connections first, so that dropping the database cuts none of them.
+        self.store.close();
         if let Ok(connection) = broker::connect(&self.settings.amqp_url, "bench-cleanup").await {
             if let Ok(channel) = connection.create_channel().await {
                 let _ = Topology::new(&self.settings.namespace)
                     .delete(&channel, task_queues)
                     .await;
+                let _ = channel.close(200, "done".into()).await;
             }
             let _ = connection.close(200, "done".into()).await;
         }

@@ -96,6 +96,12 @@ impl Store {
         Ok(Store { pool })
     }
 
+    /// Closes the pool: its connections end now, before, say, their database is
+    /// dropped under them.
+    pub fn close(&self) {
+        self.pool.close();
+    }
+
     /// Creates the database if it is missing, then applies pending migrations.
     pub async fn migrate(url: &str) -> Result<Vec<String>, StoreError> {
         migrate::create_database_if_missing(url).await?;
