@@ -165,6 +165,62 @@ async fn claim_together(
     }
 }
 
+/// Processes trigger deliveries that arrived together: their runs are created in one
+/// transaction. When it fails for good, each delivery is processed alone.
+pub(super) async fn process_triggers(
+    engine: Engine,
+    deliveries: Vec<Held>,
+    slot: OwnedSemaphorePermit,
+) {
+    let source = Source::Triggers;
+    if deliveries.len() == 1 {
+        let (delivery, _permit) = deliveries.into_iter().next().expect("one");
+        process(&engine, &source, delivery)
+            .instrument(delivery_span(&source))
+            .await;
+        return;
+    }
+    let inflight = metrics::gauge!(telemetry::WORKER_INFLIGHT);
+    inflight.increment(deliveries.len() as f64);
+    let events: Vec<(&[u8], bool)> = deliveries
+        .iter()
+        .map(|(delivery, _)| (delivery.data.as_slice(), delivery.redelivered))
+        .collect();
+    let span = tracing::info_span!("batch", queue = source.label());
+    match engine.handle_triggers(&events).instrument(span).await {
+        Ok(outcomes) => {
+            let queue = source.queue(&engine);
+            let settles = deliveries
+                .iter()
+                .zip(outcomes)
+                .map(|((delivery, _), outcome)| {
+                    count_event(&outcome);
+                    settle(&engine, &queue, delivery, outcome)
+                });
+            join_all(settles).await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, size = deliveries.len(), "a batch of events failed; processing them one by one");
+            for (delivery, _permit) in &deliveries {
+                let result = engine
+                    .handle_trigger(&delivery.data, delivery.redelivered)
+                    .await;
+                count_event(&result);
+                settle(&engine, &source.queue(&engine), delivery, result).await;
+            }
+        }
+    }
+    inflight.decrement(deliveries.len() as f64);
+    drop(slot);
+}
+
+/// Counts a processed event in `dagq_events_total`.
+fn count_event(result: &Result<Handled, EngineError>) {
+    if let Ok(Handled::Done(outcome)) = result {
+        metrics::counter!(telemetry::EVENTS_TOTAL, "outcome" => *outcome).increment(1);
+    }
+}
+
 /// Processes built-in task deliveries as one batch. When the batch's transaction
 /// fails for good, each delivery is processed alone, so that one bad task cannot hold
 /// up the others.
@@ -220,9 +276,7 @@ pub(super) async fn process(engine: &Engine, source: &Source, delivery: Delivery
             let result = engine
                 .handle_trigger(&delivery.data, delivery.redelivered)
                 .await;
-            if let Ok(Handled::Done(outcome)) = &result {
-                metrics::counter!(telemetry::EVENTS_TOTAL, "outcome" => *outcome).increment(1);
-            }
+            count_event(&result);
             result
         }
         Source::Tasks(queue) => {

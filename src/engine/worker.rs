@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::delivery::{Held, Source, delivery_span, process, process_tasks};
+use super::delivery::{Held, Source, delivery_span, process, process_tasks, process_triggers};
 use super::{Engine, EngineError};
 use crate::adapter::{Breakers, Registry};
 use crate::alert::Alerter;
@@ -457,7 +457,7 @@ async fn consume(
             return;
         };
         let engine = consuming.engine.clone();
-        if let Source::Tasks(_) = &source {
+        if !matches!(source, Source::DeadLetters) {
             let slot = tokio::select! {
                 biased;
                 _ = stop.cancelled() => None,
@@ -469,13 +469,20 @@ async fn consume(
                 return;
             };
             let (batch, ended) = gather(&mut consumer, (delivery, permit), &consuming.permits);
-            consuming.tracker.spawn(process_tasks(
-                engine,
-                source.clone(),
-                batch,
-                slot,
-                consuming.tracker.clone(),
-            ));
+            if let Source::Tasks(_) = &source {
+                let tracker = consuming.tracker.clone();
+                consuming.tracker.spawn(process_tasks(
+                    engine,
+                    source.clone(),
+                    batch,
+                    slot,
+                    tracker,
+                ));
+            } else {
+                consuming
+                    .tracker
+                    .spawn(process_triggers(engine, batch, slot));
+            }
             if let Some(why) = ended {
                 let _ = consuming.lost.send(why).await;
                 return;

@@ -40,67 +40,99 @@ pub enum StartedRun {
     Existing(Uuid),
 }
 
-/// Inserts a run and its nodes, unless the same event already started this workflow.
-pub(crate) async fn insert_run(
+/// Inserts runs and their nodes, each unless the same event already started its
+/// workflow; one `StartedRun` per run, in order. Three statements, whatever the number.
+pub(crate) async fn insert_runs(
     client: &impl GenericClient,
-    run: &NewRun<'_>,
-) -> Result<StartedRun, StoreError> {
+    runs: &[NewRun<'_>],
+) -> Result<Vec<StartedRun>, StoreError> {
+    if runs.is_empty() {
+        return Ok(Vec::new());
+    }
     let insert = client
         .prepare_cached(
             "INSERT INTO runs (id, workflow, version, state, event_source, event_id, event, input,
                                priority, nodes_left)
-             VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8, $9)
+             SELECT id, workflow, version, 'running', source, event_id, event, input, priority,
+                    nodes_left
+             FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::text[], $5::text[],
+                         $6::jsonb[], $7::jsonb[], $8::int2[], $9::int4[])
+                  AS u(id, workflow, version, source, event_id, event, input, priority, nodes_left)
              ON CONFLICT (event_source, event_id, workflow) DO NOTHING
              RETURNING id",
         )
         .await?;
-    let inserted = client
-        .query_opt(
+    let created: std::collections::HashSet<Uuid> = client
+        .query(
             &insert,
             &[
-                &run.id,
-                &run.workflow,
-                &run.version,
-                &run.event_source,
-                &run.event_id,
-                &run.event,
-                &run.input,
-                &run.priority,
-                &(run.nodes.len() as i32),
+                &runs.iter().map(|r| r.id).collect::<Vec<_>>(),
+                &runs.iter().map(|r| r.workflow).collect::<Vec<_>>(),
+                &runs.iter().map(|r| r.version).collect::<Vec<_>>(),
+                &runs.iter().map(|r| r.event_source).collect::<Vec<_>>(),
+                &runs.iter().map(|r| r.event_id).collect::<Vec<_>>(),
+                &runs.iter().map(|r| r.event).collect::<Vec<_>>(),
+                &runs.iter().map(|r| r.input).collect::<Vec<_>>(),
+                &runs.iter().map(|r| r.priority).collect::<Vec<_>>(),
+                &runs
+                    .iter()
+                    .map(|r| r.nodes.len() as i32)
+                    .collect::<Vec<_>>(),
             ],
         )
-        .await?;
-    if inserted.is_none() {
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut started = Vec::with_capacity(runs.len());
+    for run in runs {
+        if created.contains(&run.id) {
+            started.push(StartedRun::Created(run.id));
+            continue;
+        }
+        // The same event started it before (a redelivery or a duplicate): rare.
         let existing = client
             .query_one(
                 "SELECT id FROM runs WHERE event_source = $1 AND event_id = $2 AND workflow = $3",
                 &[&run.event_source, &run.event_id, &run.workflow],
             )
             .await?;
-        return Ok(StartedRun::Existing(existing.get(0)));
+        started.push(StartedRun::Existing(existing.get(0)));
     }
-    let ids: Vec<&str> = run.nodes.iter().map(|n| n.0.as_str()).collect();
-    let deps: Vec<i32> = run.nodes.iter().map(|n| n.1).collect();
-    let queues: Vec<&str> = run.nodes.iter().map(|n| n.2.as_str()).collect();
-    let kinds: Vec<&str> = run.nodes.iter().map(|n| n.3.as_str()).collect();
+    let new: Vec<&NewRun> = runs.iter().filter(|r| created.contains(&r.id)).collect();
+    let nodes = || {
+        new.iter()
+            .flat_map(|r| r.nodes.iter().map(move |n| (r.id, n)))
+    };
     let stmt = client
         .prepare_cached(
             "WITH n AS (
                  INSERT INTO node_runs (run_id, node_id, state, deps_left, queue, type)
-                 SELECT $1, u.id, 'pending', u.deps, u.queue, u.type
-                 FROM unnest($2::text[], $3::int[], $4::text[], $5::text[]) AS u(id, deps, queue, type)
-                 RETURNING node_id
+                 SELECT u.run_id, u.id, 'pending', u.deps, u.queue, u.type
+                 FROM unnest($2::uuid[], $3::text[], $4::int[], $5::text[], $6::text[])
+                      AS u(run_id, id, deps, queue, type)
+                 RETURNING run_id, node_id
              )
              INSERT INTO transitions (run_id, node_id, from_state, to_state, attempt)
-             SELECT $1, NULL, NULL, 'running', NULL
+             SELECT id, NULL, NULL, 'running', NULL FROM unnest($1::uuid[]) AS id
              UNION ALL
-             SELECT $1, node_id, NULL, 'pending', 1 FROM n",
+             SELECT run_id, node_id, NULL, 'pending', 1 FROM n",
         )
         .await?;
     client
-        .execute(&stmt, &[&run.id, &ids, &deps, &queues, &kinds])
+        .execute(
+            &stmt,
+            &[
+                &new.iter().map(|r| r.id).collect::<Vec<_>>(),
+                &nodes().map(|(run, _)| run).collect::<Vec<_>>(),
+                &nodes().map(|(_, n)| n.0.as_str()).collect::<Vec<_>>(),
+                &nodes().map(|(_, n)| n.1).collect::<Vec<_>>(),
+                &nodes().map(|(_, n)| n.2.as_str()).collect::<Vec<_>>(),
+                &nodes().map(|(_, n)| n.3.as_str()).collect::<Vec<_>>(),
+            ],
+        )
         .await?;
-    Ok(StartedRun::Created(run.id))
+    Ok(started)
 }
 
 /// A run as `dagq runs` lists it.
