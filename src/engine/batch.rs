@@ -100,7 +100,7 @@ impl Engine {
         Ok(join_all(handled).await)
     }
 
-    /// Claims the nodes of task messages together, in one transaction that locks their
+    /// Claims the nodes of task messages together, in one statement that locks their
     /// runs first; one claim per message, in order. For model and HTTP tasks, whose
     /// calls then run each on its own.
     pub async fn claim_batch(
@@ -114,7 +114,6 @@ impl Engine {
         let claims = with_commit_retries(|| async {
             let mut client = self.store.client().await?;
             let tx = client.transaction().await?;
-            lock_runs_of(&tx, batch.iter().map(|(m, _)| m.run_id)).await?;
             let claims = store::nodes::claim_all(&tx, &requests).await?;
             tx.commit().await?;
             Ok(claims)
@@ -158,8 +157,7 @@ impl Engine {
             .iter()
             .map(|(message, redelivered)| claim_request(message, *redelivered))
             .collect();
-        // The claims may lock nodes of any of these runs: take the runs' locks first.
-        lock_runs_of(&tx, batch.iter().map(|(m, _)| m.run_id)).await?;
+        // The claims lock the runs first, and hold them for the rest of the batch.
         let claims = store::nodes::claim_all(&tx, &requests).await?;
         let mut steps = Vec::with_capacity(batch.len());
         let mut outcomes = Vec::new();
