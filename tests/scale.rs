@@ -82,3 +82,67 @@ async fn three_worker_processes_run_300_fan_in_runs_exactly_once() {
         .await;
     assert_eq!(joined, RUNS, "joins whose output matches their run's input");
 }
+
+/// A backlog taken in batches: 200 events, each published twice, wait in the queue
+/// before three worker processes start, so every worker takes many deliveries at once
+/// and the copies of an event land in the same batch or in batches on different
+/// workers. Each event starts one run, every node is completed exactly once, and the
+/// work was in fact batched: runs were started, and nodes finished, several per
+/// transaction (rows written by one transaction share its `xmin`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicated_backlog_is_batched_on_three_workers_with_one_effect_each() {
+    const RUNS: i64 = 200;
+    let env = TestEnv::new().await;
+    let workflow = fan_out_fan_in();
+    env.apply(workflow.clone()).await;
+    for n in 0..RUNS {
+        let event = env.request_run("fan", json!({"n": n})).await;
+        env.publish_event(&event).await;
+    }
+    let _workers: Vec<KillOnDrop> = (0..WORKERS)
+        .map(|_| KillOnDrop(env.spawn_worker_process(&["--concurrency", "64"])))
+        .collect();
+    eventually("every run to finish", Duration::from_secs(180), || async {
+        (env.count("SELECT count(*) FROM runs WHERE state = 'completed'")
+            .await
+            == RUNS)
+            .then_some(())
+    })
+    .await;
+    let topology = env.topology();
+    eventually(
+        "the trigger queue to drain",
+        Duration::from_secs(30),
+        || async {
+            (common::queue_depth(&env, &topology.triggers_queue()).await == 0).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        env.count("SELECT count(*) FROM runs").await,
+        RUNS,
+        "one run per event, however often it was delivered"
+    );
+    assert_each_node_ran_once(&env, &workflow, RUNS, false).await;
+    let start_transactions = env
+        .count(
+            "SELECT count(DISTINCT xmin::text) FROM transitions
+             WHERE node_id IS NULL AND to_state = 'running'",
+        )
+        .await;
+    assert!(
+        start_transactions < RUNS,
+        "runs were started one per transaction ({start_transactions} for {RUNS})"
+    );
+    let finish_transactions = env
+        .count(
+            "SELECT count(DISTINCT xmin::text) FROM transitions
+             WHERE from_state = 'running' AND to_state = 'completed'",
+        )
+        .await;
+    assert!(
+        finish_transactions < RUNS * 7 / 2,
+        "nodes were finished one per transaction ({finish_transactions} for {})",
+        RUNS * 7
+    );
+}
