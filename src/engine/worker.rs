@@ -69,7 +69,7 @@ const DEAD_LETTER_PREFETCH: u16 = 16;
 
 /// Task batches processed at once by one worker. Few: while all are busy, deliveries
 /// gather into the next batches, which is what makes batching pay (group commit).
-const BATCHES_AT_ONCE: usize = 3;
+const BATCHES_AT_ONCE: usize = 2;
 
 /// The most task deliveries in one batch.
 const MAX_BATCH: usize = 128;
