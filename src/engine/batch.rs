@@ -100,8 +100,8 @@ impl Engine {
         Ok(join_all(handled).await)
     }
 
-    /// Claims the nodes of task messages together, in one statement that locks their
-    /// runs first; one claim per message, in order. For model and HTTP tasks, whose
+    /// Claims the nodes of task messages together, in one statement; one claim per
+    /// message, in order. For model and HTTP tasks, whose
     /// calls then run each on its own.
     pub async fn claim_batch(
         &self,
@@ -132,7 +132,6 @@ impl Engine {
         let recorded = with_commit_retries(|| async {
             let mut client = self.store.client().await?;
             let tx = client.transaction().await?;
-            lock_runs_of(&tx, outcomes.iter().map(|o| o.run.run_id)).await?;
             let recorded = self.record_outcomes(&tx, outcomes).await?;
             tx.commit().await?;
             Ok(recorded)
@@ -157,7 +156,6 @@ impl Engine {
             .iter()
             .map(|(message, redelivered)| claim_request(message, *redelivered))
             .collect();
-        // The claims lock the runs first, and hold them for the rest of the batch.
         let claims = store::nodes::claim_all(&tx, &requests).await?;
         let mut steps = Vec::with_capacity(batch.len());
         let mut outcomes = Vec::new();
@@ -197,8 +195,8 @@ impl Engine {
         Ok((steps, outcomes, recorded))
     }
 
-    /// In `tx`, which holds the runs' locks: records the outcomes' calls, finishes
-    /// their nodes and advances their runs.
+    /// In `tx`: locks the outcomes' runs, records their calls, finishes their nodes and
+    /// advances their runs.
     async fn record_outcomes(
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
@@ -207,6 +205,7 @@ impl Engine {
         if outcomes.is_empty() {
             return Ok(Recorded::default());
         }
+        lock_runs_of(tx, outcomes.iter().map(|o| o.run.run_id)).await?;
         for outcome in outcomes.iter().filter(|o| !o.calls.is_empty()) {
             let m = &outcome.message;
             store::model_calls::insert_model_calls(

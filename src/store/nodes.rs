@@ -96,10 +96,10 @@ pub(crate) async fn claim(
 }
 
 /// Claims many nodes in one statement; one `Claim` per request, in order. Of two
-/// requests for the same node, at most one claims it: the other is a duplicate. The
-/// statement first locks the runs, as [`lock_runs`] does (the `locked` CTE runs once,
-/// as the condition on `m`, before any node row is read), which saves a round trip.
-/// (`run_id = ANY($1)` keeps the plan on the index while the tables are new; see
+/// requests for the same node, at most one claims it: the other is a duplicate. Node
+/// rows are locked in (run, node) order, so that two claims cannot deadlock, and no run
+/// is locked: a claim waits on no finishing transaction but one finishing that very
+/// node. (`run_id = ANY($1)` keeps the plan on the index while the tables are new; see
 /// `advance.rs`.)
 pub(crate) async fn claim_all(
     client: &impl GenericClient,
@@ -107,16 +107,14 @@ pub(crate) async fn claim_all(
 ) -> Result<Vec<Claim>, StoreError> {
     let stmt = client
         .prepare_cached(
-            "WITH locked AS (
-                 SELECT id FROM runs WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE
-             ), m AS (
+            "WITH m AS (
                  SELECT * FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::bool[])
                      WITH ORDINALITY AS m(run_id, node_id, attempt, take_over, i)
-                 WHERE (SELECT count(*) FROM locked) >= 0
              ), old AS (
                  SELECT m.i, n.run_id, n.node_id, n.state, n.attempt
                  FROM m JOIN node_runs n ON n.run_id = m.run_id AND n.node_id = m.node_id
                  WHERE n.run_id = ANY($1)
+                 ORDER BY n.run_id, n.node_id
                  FOR UPDATE OF n
              ), claimed AS (
                  UPDATE node_runs n
@@ -177,8 +175,11 @@ pub(crate) async fn claim_all(
 }
 
 /// Locks the runs named (`FOR NO KEY UPDATE`, in id order) before their nodes are
-/// finished. Every transaction that advances runs takes these locks first and in the
-/// same order, so transactions that advance several runs at once cannot deadlock.
+/// finished. Every transaction that advances runs takes these locks before it touches
+/// any node row but those it claimed, and in the same order, so transactions that
+/// advance several runs at once cannot deadlock: a pending node is only ever locked
+/// under its run's lock, and a claimed one only by its claimer (or by another claim,
+/// which takes rows in order and holds no run lock).
 pub(crate) async fn lock_runs(
     client: &impl GenericClient,
     run_ids: &[Uuid],
