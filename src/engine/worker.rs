@@ -319,12 +319,7 @@ impl Worker {
                     (Some(_), true) => {
                         let consumer = served.remove(&queue).expect("present: matched Some");
                         consumer.stop.cancel();
-                        let _ = tasks
-                            .basic_cancel(
-                                consumer.tag.as_str().into(),
-                                BasicCancelOptions::default(),
-                            )
-                            .await;
+                        cancel_consumer(&tasks, &consumer.tag).await;
                         tracing::warn!(%queue, "paused: the circuit breaker of this profile is open");
                     }
                     (None, false) => {
@@ -348,17 +343,16 @@ impl Worker {
         // Stop new deliveries first; in-flight ones finish on the still-open channels.
         consuming.stop.cancel();
         if outcome.is_ok() {
-            let _ = triggers
-                .basic_cancel(trigger_tag.as_str().into(), BasicCancelOptions::default())
-                .await;
-            let _ = dead
-                .basic_cancel(dead_tag.as_str().into(), BasicCancelOptions::default())
-                .await;
+            tracing::debug!("cancelling consumers");
+            cancel_consumer(&triggers, &trigger_tag).await;
+            cancel_consumer(&dead, &dead_tag).await;
             for consumer in served.values() {
-                let _ = tasks
-                    .basic_cancel(consumer.tag.as_str().into(), BasicCancelOptions::default())
-                    .await;
+                cancel_consumer(&tasks, &consumer.tag).await;
             }
+            tracing::debug!(
+                in_flight = tracker.len(),
+                "waiting for deliveries in flight"
+            );
             tracker.close();
             if tokio::time::timeout(self.options.grace, tracker.wait())
                 .await
@@ -369,9 +363,24 @@ impl Worker {
                     "grace period over; closing with deliveries unacked"
                 );
             }
-            let _ = connection.close(200, "worker shutting down".into()).await;
+            let closed = connection.close(200, "worker shutting down".into());
+            if tokio::time::timeout(BROKER_REPLY, closed).await.is_err() {
+                tracing::warn!("the broker did not confirm closing the connection; leaving it");
+            }
         }
         outcome
+    }
+}
+
+/// How long a worker waits for the broker's reply to a cancel or a close. A stop must
+/// not hang on a reply that never comes; the connection's end cancels all anyway.
+const BROKER_REPLY: Duration = Duration::from_secs(5);
+
+/// Cancels a consumer, waiting at most `BROKER_REPLY` for the broker to confirm.
+async fn cancel_consumer(channel: &Channel, tag: &str) {
+    let cancelled = channel.basic_cancel(tag.into(), BasicCancelOptions::default());
+    if tokio::time::timeout(BROKER_REPLY, cancelled).await.is_err() {
+        tracing::warn!(%tag, "the broker did not confirm cancelling a consumer; going on");
     }
 }
 
