@@ -87,14 +87,22 @@ pub(super) async fn process_tasks(
         }
     }
     if calls.len() == 1 {
-        let (delivery, permit, _) = calls.pop().expect("one");
-        spawn_alone(&engine, &source, &tracker, (delivery, permit));
+        let (delivery, permit, message) = calls.pop().expect("one");
+        let (engine, source) = (engine.clone(), source.clone());
+        let span = delivery_span(&source);
+        tracker.spawn(
+            async move {
+                let _permit = permit;
+                process_task(&engine, &source, delivery, message).await;
+            }
+            .instrument(span),
+        );
     } else if !calls.is_empty() {
         claim_together(&engine, &source, &tracker, calls).await;
     }
     if builtins.len() == 1 {
-        let (delivery, _permit, _) = builtins.pop().expect("one");
-        process(&engine, &source, delivery)
+        let (delivery, _permit, message) = builtins.pop().expect("one");
+        process_task(&engine, &source, delivery, message)
             .instrument(delivery_span(&source))
             .await;
     } else if !builtins.is_empty() {
@@ -264,6 +272,17 @@ async fn process_batch(
         }
     }
     inflight.decrement(messages.len() as f64);
+}
+
+/// Processes one task delivery whose message is parsed already, and settles it.
+async fn process_task(engine: &Engine, source: &Source, delivery: Delivery, message: TaskMessage) {
+    let inflight = metrics::gauge!(telemetry::WORKER_INFLIGHT);
+    inflight.increment(1.0);
+    let result = engine
+        .handle_task_message(&message, delivery.redelivered, source.label())
+        .await;
+    settle(engine, &source.queue(engine), &delivery, result).await;
+    inflight.decrement(1.0);
 }
 
 /// Processes one delivery and settles it.

@@ -30,16 +30,25 @@ impl Engine {
         redelivered: bool,
         queue: &str,
     ) -> Result<Handled, EngineError> {
-        let message = match parse_task(body) {
-            Ok(message) => message,
-            Err(poison) => return Ok(Handled::Poison(poison)),
-        };
+        match parse_task(body) {
+            Ok(message) => self.handle_task_message(&message, redelivered, queue).await,
+            Err(poison) => Ok(Handled::Poison(poison)),
+        }
+    }
+
+    /// Handles one task message, already parsed, from `queue`.
+    pub(super) async fn handle_task_message(
+        &self,
+        message: &TaskMessage,
+        redelivered: bool,
+        queue: &str,
+    ) -> Result<Handled, EngineError> {
         let span = tracing::Span::current();
         span.record("run", tracing::field::display(message.run_id));
         span.record("node", message.node_id.as_str());
         span.record("attempt", message.attempt);
-        let handled = self.process_task(&message, redelivered).await?;
-        count_task(&message, queue, &handled);
+        let handled = self.process_task(message, redelivered).await?;
+        count_task(message, queue, &handled);
         Ok(handled)
     }
 
