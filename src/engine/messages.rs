@@ -68,6 +68,21 @@ pub fn parse_task(body: &[u8]) -> Result<TaskMessage, Poison> {
     serde_json::from_value(value).map_err(|e| Poison::new("schema", format!("task message: {e}")))
 }
 
+impl TaskMessage {
+    /// The message that runs `task`, a queued node of `run`.
+    pub fn for_task(run: &crate::store::RunContext, task: &crate::store::QueuedTask) -> Self {
+        TaskMessage {
+            run_id: run.run_id,
+            node_id: task.node_id.clone(),
+            attempt: task.attempt,
+            workflow: Some(run.workflow.clone()),
+            version: Some(run.version),
+            queue: Some(task.queue.clone()),
+            kind: Some(task.kind.clone()),
+        }
+    }
+}
+
 /// A new CloudEvent with a fresh id.
 pub fn new_event(event_type: &str, source: &str, subject: Option<&str>, data: Value) -> Value {
     let mut event = serde_json::json!({

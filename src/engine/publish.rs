@@ -26,15 +26,7 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let publishes = tasks.iter().map(|task| {
             let priority = task_priority(workflow, run, &task.node_id);
-            let message = TaskMessage {
-                run_id: run.run_id,
-                node_id: task.node_id.clone(),
-                attempt: task.attempt,
-                workflow: Some(run.workflow.clone()),
-                version: Some(run.version),
-                queue: Some(task.queue.clone()),
-                kind: Some(task.kind.clone()),
-            };
+            let message = TaskMessage::for_task(run, task);
             let body = serde_json::to_vec(&message).expect("a task message always serializes");
             async move {
                 self.publisher

@@ -72,15 +72,7 @@ impl Engine {
             let Some(workflow) = self.workflow(&run.workflow, run.version).await? else {
                 continue;
             };
-            let message = super::TaskMessage {
-                run_id: *run_id,
-                node_id: task.node_id.clone(),
-                attempt: task.attempt,
-                workflow: Some(run.workflow.clone()),
-                version: Some(run.version),
-                queue: Some(task.queue.clone()),
-                kind: Some(task.kind.clone()),
-            };
+            let message = TaskMessage::for_task(&run, task);
             tracing::warn!(run = %run_id, node = %task.node_id, attempt = task.attempt + 1,
                 "a retry was overdue (its delayed message was lost); republishing it");
             self.publish_delayed(&workflow, &run, &message, task.attempt + 1, Duration::ZERO)
