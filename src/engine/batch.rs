@@ -100,8 +100,8 @@ impl Engine {
         Ok(join_all(handled).await)
     }
 
-    /// Claims the nodes of task messages together, in one statement; one claim per
-    /// message, in order. For model and HTTP tasks, whose
+    /// Claims the nodes of task messages together, in one statement (its own
+    /// transaction); one claim per message, in order. For model and HTTP tasks, whose
     /// calls then run each on its own.
     pub async fn claim_batch(
         &self,
@@ -112,11 +112,8 @@ impl Engine {
             .map(|(message, redelivered)| claim_request(message, *redelivered))
             .collect();
         let claims = with_commit_retries(|| async {
-            let mut client = self.store.client().await?;
-            let tx = client.transaction().await?;
-            let claims = store::nodes::claim_all(&tx, &requests).await?;
-            tx.commit().await?;
-            Ok(claims)
+            let client = self.store.client().await?;
+            store::nodes::claim_all(&client, &requests).await
         })
         .await?;
         Ok(claims)

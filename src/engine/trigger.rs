@@ -153,8 +153,8 @@ impl Engine {
             let found = self.store.workflows_triggered_by(kind).await?;
             lookups.triggered.insert(kind.to_owned(), found);
         }
-        for (name, version) in lookups.triggered[kind].clone() {
-            let name = name.as_str();
+        for (name, version) in &lookups.triggered[kind] {
+            let (name, version) = (name.as_str(), *version);
             let Some(workflow) = self.workflow(name, version).await? else {
                 continue;
             };
