@@ -88,6 +88,10 @@ impl Store {
         );
         let pool = Pool::builder(manager)
             .max_size(max_size)
+            // The most recently used connection first: under light load a few hot
+            // connections serve everything, with warm caches and prepared statements
+            // past their custom-plan phase. FIFO would rotate through every connection.
+            .queue_mode(deadpool_postgres::QueueMode::Lifo)
             .wait_timeout(Some(Duration::from_secs(10)))
             .create_timeout(Some(Duration::from_secs(5)))
             .runtime(deadpool_postgres::Runtime::Tokio1)
