@@ -405,3 +405,77 @@ async fn a_run_records_tokens_and_cost_per_node_and_in_total() {
         "no line {total:?} in:\n{out}"
     );
 }
+
+/// Parallel model nodes whose calls end together are recorded together (group commit,
+/// one statement for all their calls); each node keeps exactly its own calls: the
+/// failed primary at seq 0, then the fallback's answer to its own prompt at seq 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_of_model_nodes_finishing_together_are_recorded_each_under_its_own_node() {
+    let down = CountedMock::start(failing(503)).await;
+    let up = CountedMock::start(MockOptions {
+        // Long enough that the calls of all nodes are out at once and end together.
+        latency: Duration::from_millis(300),
+        ..MockOptions::default()
+    })
+    .await;
+    let primary = profile(
+        Provider::Openai,
+        format!("{}/v1", down.base),
+        "gpt-x",
+        &["backup"],
+    );
+    let backup = profile(Provider::Openai, format!("{}/v1", up.base), "gpt-y", &[]);
+    let mut file = config(vec![("primary", primary), ("backup", backup)]);
+    // Every node tries the primary first, however many failed before it.
+    file.breaker.threshold = 1000;
+    let env = TestEnv::with_config(file).await;
+    const NODES: usize = 12;
+    // Node i's prompt has i + 1 words, which the mock reports as its prompt tokens.
+    let nodes: Vec<Value> = (0..NODES)
+        .map(|i| {
+            let prompt = vec!["word"; i + 1].join(" ");
+            json!({"id": format!("n{i:02}"), "type": "chat", "model": "primary",
+                   "input": {"messages": [{"role": "user", "content": prompt}]}})
+        })
+        .collect();
+    env.apply(json!({"name": "wide", "nodes": nodes})).await;
+    let worker = env.start_default_worker();
+    let event = env.request_run("wide", json!({})).await;
+    let status = env.wait_run(&event, Duration::from_secs(30)).await;
+    worker.stop().await;
+    assert_eq!(status.run.state, "completed", "{:?}", status.nodes);
+
+    let sql = env.sql().await;
+    let rows = sql
+        .query(
+            "SELECT node_id, seq, profile, status, prompt_tokens FROM model_calls
+             WHERE run_id = $1 ORDER BY node_id, seq",
+            &[&status.run.id],
+        )
+        .await
+        .unwrap();
+    let mut by_node: BTreeMap<String, Vec<(i16, String, String, i32)>> = BTreeMap::new();
+    for r in &rows {
+        by_node
+            .entry(r.get(0))
+            .or_default()
+            .push((r.get(1), r.get(2), r.get(3), r.get(4)));
+    }
+    assert_eq!(by_node.len(), NODES, "{by_node:#?}");
+    for (i, (node_id, calls)) in by_node.iter().enumerate() {
+        assert_eq!(node_id, &format!("n{i:02}"));
+        assert_eq!(calls.len(), 2, "{node_id}: {calls:?}");
+        assert_eq!(
+            (calls[0].0, calls[0].1.as_str(), calls[0].2.as_str()),
+            (0, "primary", "http_503"),
+            "{node_id}"
+        );
+        assert_eq!(
+            (calls[1].0, calls[1].1.as_str(), calls[1].2.as_str()),
+            (1, "backup", "ok"),
+            "{node_id}"
+        );
+        assert_eq!(calls[1].3, i as i32 + 1, "{node_id}: prompt tokens");
+    }
+    assert_eq!((down.requests(), up.requests()), (NODES, NODES));
+}

@@ -18,6 +18,7 @@ use super::finish::{fenced, with_commit_retries};
 use super::task::{claim_request, is_builtin};
 use super::{Engine, EngineError, Handled, TaskMessage};
 use crate::adapter::{AdapterError, ModelCall};
+use crate::store::model_calls::AttemptCalls;
 use crate::store::nodes::{ClaimRequest, Finishing};
 use crate::store::{self, Claim, RunContext, StoreError};
 use crate::workflow::Workflow;
@@ -203,17 +204,16 @@ impl Engine {
             return Ok(Recorded::default());
         }
         lock_runs_of(tx, outcomes.iter().map(|o| o.run.run_id)).await?;
-        for outcome in outcomes.iter().filter(|o| !o.calls.is_empty()) {
-            let m = &outcome.message;
-            store::model_calls::insert_model_calls(
-                tx,
-                m.run_id,
-                &m.node_id,
-                m.attempt,
-                &outcome.calls,
-            )
-            .await?;
-        }
+        let calls: Vec<AttemptCalls> = outcomes
+            .iter()
+            .map(|o| AttemptCalls {
+                run_id: o.message.run_id,
+                node_id: &o.message.node_id,
+                attempt: o.message.attempt,
+                calls: &o.calls,
+            })
+            .collect();
+        store::model_calls::insert_model_calls(tx, &calls).await?;
         let errors: Vec<Option<String>> = outcomes
             .iter()
             .map(|o| o.result.as_ref().err().map(|e| e.to_string()))

@@ -296,14 +296,13 @@ async fn record_calls_in(
     message: &TaskMessage,
     calls: &[ModelCall],
 ) -> Result<(), StoreError> {
-    store::model_calls::insert_model_calls(
-        tx,
-        message.run_id,
-        &message.node_id,
-        message.attempt,
+    let attempt = store::model_calls::AttemptCalls {
+        run_id: message.run_id,
+        node_id: &message.node_id,
+        attempt: message.attempt,
         calls,
-    )
-    .await
+    };
+    store::model_calls::insert_model_calls(tx, &[attempt]).await
 }
 
 /// Runs a database step, retrying it in-process on deadlocks and lost connections.

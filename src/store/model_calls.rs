@@ -3,65 +3,61 @@
 use deadpool_postgres::GenericClient;
 use uuid::Uuid;
 
-use super::{Store, StoreError};
+use super::StoreError;
 use crate::adapter::ModelCall;
 
-impl Store {
-    /// Records the calls made for one attempt of one node, in the order made.
-    pub async fn record_model_calls(
-        &self,
-        run_id: Uuid,
-        node_id: &str,
-        attempt: i32,
-        calls: &[ModelCall],
-    ) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        insert_model_calls(&client, run_id, node_id, attempt, calls).await
-    }
+/// The calls one attempt of one node made, in the order made.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AttemptCalls<'a> {
+    /// Run id.
+    pub run_id: Uuid,
+    /// Node id.
+    pub node_id: &'a str,
+    /// The attempt.
+    pub attempt: i32,
+    /// Its calls: the primary profile's, then each fallback's.
+    pub calls: &'a [ModelCall],
 }
 
-/// Records the calls of one attempt inside the caller's transaction (the one that
-/// records the attempt's outcome, so both commit together).
+/// Records the calls of many attempts, in one statement, inside the caller's
+/// transaction (the one that records the attempts' outcomes, so both commit together).
 pub(crate) async fn insert_model_calls(
     client: &impl GenericClient,
-    run_id: Uuid,
-    node_id: &str,
-    attempt: i32,
-    calls: &[ModelCall],
+    attempts: &[AttemptCalls<'_>],
 ) -> Result<(), StoreError> {
-    if calls.is_empty() {
+    let rows: Vec<(&AttemptCalls, i16, &ModelCall)> = attempts
+        .iter()
+        .flat_map(|a| (0..).zip(a.calls).map(move |(seq, call)| (a, seq, call)))
+        .collect();
+    if rows.is_empty() {
         return Ok(());
     }
-    let seq: Vec<i16> = (0..calls.len() as i16).collect();
-    let profile: Vec<&str> = calls.iter().map(|c| c.profile.as_str()).collect();
-    let provider: Vec<&str> = calls.iter().map(|c| c.provider).collect();
-    let model: Vec<Option<&str>> = calls.iter().map(|c| c.model.as_deref()).collect();
-    let status: Vec<&str> = calls.iter().map(|c| c.status.as_str()).collect();
-    let http_status: Vec<Option<i32>> =
-        calls.iter().map(|c| c.http_status.map(i32::from)).collect();
-    let latency: Vec<f64> = calls
-        .iter()
-        .map(|c| c.latency.as_secs_f64() * 1000.0)
-        .collect();
-    let prompt: Vec<i32> = calls.iter().map(|c| c.usage.prompt_tokens as i32).collect();
-    let completion: Vec<i32> = calls
-        .iter()
-        .map(|c| c.usage.completion_tokens as i32)
-        .collect();
-    let cost: Vec<Option<f64>> = calls.iter().map(|c| c.cost).collect();
-    let request: Vec<&serde_json::Value> = calls.iter().map(|c| &c.request).collect();
-    let response: Vec<Option<&serde_json::Value>> =
-        calls.iter().map(|c| c.response.as_ref()).collect();
-    let error: Vec<Option<&str>> = calls.iter().map(|c| c.error.as_deref()).collect();
+    let run_id: Vec<Uuid> = rows.iter().map(|r| r.0.run_id).collect();
+    let node_id: Vec<&str> = rows.iter().map(|r| r.0.node_id).collect();
+    let attempt: Vec<i32> = rows.iter().map(|r| r.0.attempt).collect();
+    let seq: Vec<i16> = rows.iter().map(|r| r.1).collect();
+    let calls = || rows.iter().map(|r| r.2);
+    let profile: Vec<&str> = calls().map(|c| c.profile.as_str()).collect();
+    let provider: Vec<&str> = calls().map(|c| c.provider).collect();
+    let model: Vec<Option<&str>> = calls().map(|c| c.model.as_deref()).collect();
+    let status: Vec<&str> = calls().map(|c| c.status.as_str()).collect();
+    let http_status: Vec<Option<i32>> = calls().map(|c| c.http_status.map(i32::from)).collect();
+    let latency: Vec<f64> = calls().map(|c| c.latency.as_secs_f64() * 1000.0).collect();
+    let prompt: Vec<i32> = calls().map(|c| c.usage.prompt_tokens as i32).collect();
+    let completion: Vec<i32> = calls().map(|c| c.usage.completion_tokens as i32).collect();
+    let cost: Vec<Option<f64>> = calls().map(|c| c.cost).collect();
+    let request: Vec<&serde_json::Value> = calls().map(|c| &c.request).collect();
+    let response: Vec<Option<&serde_json::Value>> = calls().map(|c| c.response.as_ref()).collect();
+    let error: Vec<Option<&str>> = calls().map(|c| c.error.as_deref()).collect();
     let stmt = client
-            .prepare_cached(
-                "INSERT INTO model_calls (run_id, node_id, attempt, seq, profile, provider, model, status,
-                     http_status, latency_ms, prompt_tokens, completion_tokens, cost, request, response, error)
-                 SELECT $1, $2, $3, u.* FROM unnest($4::smallint[], $5::text[], $6::text[], $7::text[],
-                     $8::text[], $9::int[], $10::float8[], $11::int[], $12::int[], $13::float8[],
-                     $14::jsonb[], $15::jsonb[], $16::text[]) AS u",
-            )
-            .await?;
+        .prepare_cached(
+            "INSERT INTO model_calls (run_id, node_id, attempt, seq, profile, provider, model, status,
+                 http_status, latency_ms, prompt_tokens, completion_tokens, cost, request, response, error)
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::smallint[], $5::text[],
+                 $6::text[], $7::text[], $8::text[], $9::int[], $10::float8[], $11::int[],
+                 $12::int[], $13::float8[], $14::jsonb[], $15::jsonb[], $16::text[])",
+        )
+        .await?;
     client
         .execute(
             &stmt,
