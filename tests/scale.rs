@@ -146,3 +146,94 @@ async fn a_duplicated_backlog_is_batched_on_three_workers_with_one_effect_each()
         RUNS * 7
     );
 }
+
+/// The children a finished node makes ready are published together, each saying how
+/// many went to its queue (header `dagq-burst`), and a worker that gets them processes
+/// them in one transaction rather than one after another on their run's lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn siblings_published_together_say_so_and_finish_in_one_transaction() {
+    use dagq::engine::WorkerOptions;
+    use futures::StreamExt;
+    use lapin::options::BasicConsumeOptions;
+
+    let env = TestEnv::new().await;
+    env.apply(json!({"name": "burst", "nodes": [
+        {"id": "a", "type": "noop", "queue": "head"},
+        {"id": "b", "type": "noop", "queue": "fan", "depends": ["a"]},
+        {"id": "c", "type": "noop", "queue": "fan", "depends": ["a"]},
+        {"id": "d", "type": "noop", "queue": "fan", "depends": ["a"]},
+        {"id": "e", "type": "noop", "queue": "head", "depends": ["b", "c", "d"]}
+    ]}))
+    .await;
+    let serving = |queue: &str| WorkerOptions {
+        queues: Some(vec![queue.to_owned()]),
+        queue_refresh: Duration::from_millis(200),
+        concurrency: 16,
+        ..WorkerOptions::default()
+    };
+    let head = env.start_worker(serving("head"));
+    let event = env.request_run("burst", json!({})).await;
+    // Nobody serves "fan" yet: b, c and d wait there once a completed.
+    let fan = env.topology().task_queue("fan");
+    eventually(
+        "b, c and d in their queue",
+        Duration::from_secs(20),
+        || async {
+            // The queue exists from the first publish to it; a passive declaration of a
+            // missing one closes its channel, hence a fresh channel each time.
+            let declared = env
+                .channel()
+                .await
+                .queue_declare(
+                    fan.as_str().into(),
+                    lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    lapin::types::FieldTable::default(),
+                )
+                .await;
+            declared.ok().filter(|q| q.message_count() == 3).map(|_| ())
+        },
+    )
+    .await;
+    let channel = env.channel().await;
+    let mut peek = channel
+        .basic_consume(
+            fan.as_str().into(),
+            "peek".into(),
+            BasicConsumeOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut bursts = Vec::new();
+    for _ in 0..3 {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), peek.next())
+            .await
+            .expect("a delivery")
+            .expect("consuming")
+            .unwrap();
+        bursts.push(dagq::broker::burst_of(&delivery.properties));
+    }
+    // Hand them back untouched, for the worker below.
+    channel.close(200, "peeked".into()).await.unwrap();
+    assert_eq!(bursts, [3, 3, 3]);
+
+    let fan_worker = env.start_worker(serving("fan"));
+    let status = env.wait_run(&event, Duration::from_secs(30)).await;
+    fan_worker.stop().await;
+    head.stop().await;
+    assert_eq!(status.run.state, "completed", "{:?}", status.nodes);
+    let run = status.run.id;
+    let transactions = env
+        .count(&format!(
+            "SELECT count(DISTINCT xmin::text) FROM transitions
+             WHERE run_id = '{run}' AND node_id IN ('b', 'c', 'd') AND to_state = 'completed'"
+        ))
+        .await;
+    assert_eq!(
+        transactions, 1,
+        "b, c and d finished in separate transactions"
+    );
+}

@@ -8,7 +8,7 @@ mod topology;
 use lapin::{Connection, ConnectionProperties};
 
 pub use inspect::{QueueCounts, QueueProbe};
-pub use publisher::{DeadLetter, Publisher, headers};
+pub use publisher::{BURST_HEADER, DeadLetter, Publisher, burst_of, headers};
 pub use topology::{MAX_PRIORITY, RETRY_TIERS, Topology, bind_private_queue, retry_tier};
 
 /// A broker failure.

@@ -7,10 +7,29 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 
 use super::{BrokerError, Topology};
+
+/// Header of a task message published together with others to the same queue (the
+/// children one finished node made ready): how many there are. A worker that gets one
+/// waits a moment for the rest, so that they are processed in one transaction instead
+/// of taking turns on their run's lock.
+pub const BURST_HEADER: &str = "dagq-burst";
+
+/// The burst a delivered task message came in (1 when it says nothing).
+pub fn burst_of(properties: &BasicProperties) -> u32 {
+    let key = ShortString::from(BURST_HEADER);
+    match properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(&key))
+    {
+        Some(AMQPValue::LongUInt(n)) => *n,
+        _ => 1,
+    }
+}
 
 /// A message that could not be processed, with why, for `<ns>.dead`.
 #[derive(Debug, Clone)]
@@ -108,8 +127,25 @@ impl Publisher {
         body: &[u8],
         priority: u8,
     ) -> Result<(), BrokerError> {
+        self.publish_task_in_burst(queue, body, priority, 1).await
+    }
+
+    /// Publishes one of `burst` task messages published to `queue` at once, saying so
+    /// in [`BURST_HEADER`], and waits for its confirm.
+    pub async fn publish_task_in_burst(
+        &self,
+        queue: &str,
+        body: &[u8],
+        priority: u8,
+        burst: u32,
+    ) -> Result<(), BrokerError> {
         self.ensure_task_queue(queue).await?;
-        let properties = json_properties().with_priority(priority.min(super::MAX_PRIORITY));
+        let mut properties = json_properties().with_priority(priority.min(super::MAX_PRIORITY));
+        if burst > 1 {
+            let mut headers = FieldTable::default();
+            headers.insert(BURST_HEADER.into(), AMQPValue::LongUInt(burst));
+            properties = properties.with_headers(headers);
+        }
         self.publish_confirmed(&self.topology.tasks_exchange(), queue, body, properties)
             .await
     }

@@ -1,5 +1,7 @@
 //! Publishing the follow-ups of a committed transaction: the next tasks and dead letters.
 
+use std::collections::HashMap;
+
 use futures::future::try_join_all;
 
 use super::{Engine, EngineError, TaskMessage};
@@ -17,20 +19,26 @@ fn task_priority(workflow: &Workflow, run: &RunContext, node_id: &str) -> u8 {
 
 impl Engine {
     /// Publishes one task message per queued node and waits for every confirm. The
-    /// publishes go out together, so their confirms are awaited in one round trip.
+    /// publishes go out together, so their confirms are awaited in one round trip; each
+    /// says how many went to its queue (see [`crate::broker::BURST_HEADER`]).
     pub(super) async fn publish_tasks(
         &self,
         workflow: &Workflow,
         run: &RunContext,
         tasks: &[QueuedTask],
     ) -> Result<(), EngineError> {
+        let mut bursts: HashMap<&str, u32> = HashMap::new();
+        for task in tasks {
+            *bursts.entry(task.queue.as_str()).or_default() += 1;
+        }
         let publishes = tasks.iter().map(|task| {
             let priority = task_priority(workflow, run, &task.node_id);
             let message = TaskMessage::for_task(run, task);
             let body = serde_json::to_vec(&message).expect("a task message always serializes");
+            let burst = bursts[task.queue.as_str()];
             async move {
                 self.publisher
-                    .publish_task(&task.queue, &body, priority)
+                    .publish_task_in_burst(&task.queue, &body, priority, burst)
                     .await
             }
         });
