@@ -100,7 +100,9 @@ pub(crate) async fn claim(
 /// rows are locked in (run, node) order, so that two claims cannot deadlock, and no run
 /// is locked: a claim waits on no finishing transaction but one finishing that very
 /// node. (`run_id = ANY($1)` keeps the plan on the index while the tables are new; see
-/// `advance.rs`.)
+/// `advance.rs`. The UPDATE joins the rows `old` locked by key alone: there the guard
+/// became a condition of an index scan repeated per row, which sorts the array anew
+/// each time, and cost more than the rest of the statement.)
 pub(crate) async fn claim_all(
     client: &impl GenericClient,
     requests: &[ClaimRequest<'_>],
@@ -121,7 +123,7 @@ pub(crate) async fn claim_all(
                  SET state = 'running', attempt = m.attempt, fence = n.fence + 1,
                      started_at = now(), retry_at = NULL
                  FROM old JOIN m ON m.i = old.i
-                 WHERE n.run_id = old.run_id AND n.node_id = old.node_id AND n.run_id = ANY($1)
+                 WHERE n.run_id = old.run_id AND n.node_id = old.node_id
                    AND ((old.state = 'queued' AND old.attempt = m.attempt)
                      OR (old.state = 'retrying' AND old.attempt + 1 = m.attempt)
                      OR (old.state = 'running' AND old.attempt = m.attempt AND m.take_over))
