@@ -178,23 +178,7 @@ async fn siblings_published_together_say_so_and_finish_in_one_transaction() {
     eventually(
         "b, c and d in their queue",
         Duration::from_secs(20),
-        || async {
-            // The queue exists from the first publish to it; a passive declaration of a
-            // missing one closes its channel, hence a fresh channel each time.
-            let declared = env
-                .channel()
-                .await
-                .queue_declare(
-                    fan.as_str().into(),
-                    lapin::options::QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    lapin::types::FieldTable::default(),
-                )
-                .await;
-            declared.ok().filter(|q| q.message_count() == 3).map(|_| ())
-        },
+        || async { (common::ready_messages(&env, &fan).await == Some(3)).then_some(()) },
     )
     .await;
     let channel = env.channel().await;

@@ -356,6 +356,14 @@ pub fn node<'a>(status: &'a RunStatus, id: &str) -> &'a dagq::store::NodeStatus 
 
 /// Messages ready in the broker queue `queue` (a full name such as `<ns>.triggers`).
 pub async fn queue_depth(env: &TestEnv, queue: &str) -> u32 {
+    ready_messages(env, queue)
+        .await
+        .unwrap_or_else(|| panic!("queue {queue} does not exist"))
+}
+
+/// Messages ready in the broker queue `queue`, or `None` while it does not exist (a task
+/// queue exists from the first publish to it).
+pub async fn ready_messages(env: &TestEnv, queue: &str) -> Option<u32> {
     // A passive declaration of a missing queue closes its channel: use a fresh one.
     let channel = env.channel().await;
     let options = lapin::options::QueueDeclareOptions {
@@ -365,8 +373,8 @@ pub async fn queue_depth(env: &TestEnv, queue: &str) -> u32 {
     channel
         .queue_declare(queue.into(), options, lapin::types::FieldTable::default())
         .await
-        .unwrap_or_else(|e| panic!("queue {queue} exists: {e}"))
-        .message_count()
+        .ok()
+        .map(|q| q.message_count())
 }
 
 /// Waits until the run that `event` started exists and returns its id.
