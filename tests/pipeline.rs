@@ -5,6 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::{TestEnv, diamond};
+use dagq::engine::WorkerOptions;
 use serde_json::json;
 
 /// A diamond (A → B, C, D → E) completes; each node is queued, running and completed
@@ -134,4 +135,52 @@ async fn same_event_twice_starts_one_run_and_filters_apply() {
         .await,
         0
     );
+}
+
+/// The type in a task message is only a hint: a message calling a `transform` node a
+/// `noop` still runs the transform stored in the run's workflow version (a noop would
+/// be completed by its claim, with an empty output).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_message_that_calls_a_node_noop_runs_the_node_as_stored() {
+    let env = TestEnv::new().await;
+    env.apply(json!({"name": "hint", "nodes": [
+        {"id": "t", "type": "transform", "input": {"n": "{{ input.n }}"}}
+    ]}))
+    .await;
+    let serving = |queue: &str| WorkerOptions {
+        queues: Some(vec![queue.to_owned()]),
+        queue_refresh: Duration::from_millis(200),
+        concurrency: 16,
+        ..WorkerOptions::default()
+    };
+    // Events only: t's message waits in its queue.
+    let events = env.start_worker(serving("elsewhere"));
+    let event = env.request_run("hint", json!({"n": 7})).await;
+    let run = common::run_id_of(&env, &event).await;
+    let queue = env.topology().task_queue("transform");
+    common::eventually(
+        "t's message in its queue",
+        Duration::from_secs(20),
+        || async { (common::ready_messages(&env, &queue).await == Some(1)).then_some(()) },
+    )
+    .await;
+    // Swap it for the same message saying "noop".
+    env.channel()
+        .await
+        .queue_purge(queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let forged = json!({"run_id": run, "node_id": "t", "attempt": 1, "workflow": "hint",
+                        "version": 1, "queue": "transform", "type": "noop"});
+    env.publisher()
+        .await
+        .publish_task("transform", &serde_json::to_vec(&forged).unwrap(), 0)
+        .await
+        .unwrap();
+    let transforms = env.start_worker(serving("transform"));
+    let status = env.wait_run(&event, Duration::from_secs(30)).await;
+    transforms.stop().await;
+    events.stop().await;
+    assert_eq!(status.run.state, "completed", "{:?}", status.nodes);
+    assert_eq!(common::node(&status, "t").output, Some(json!({"n": 7})));
 }

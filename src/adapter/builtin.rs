@@ -16,8 +16,14 @@ impl Adapter for Noop {
         _call: &Call<'_>,
         _exchange: &mut Exchange,
     ) -> Result<Value, AdapterError> {
-        Ok(Value::Object(Default::default()))
+        Ok(noop_output())
     }
+}
+
+/// What a `noop` node outputs, whatever its run: an empty object. Claims complete noop
+/// nodes with it directly (see `store::nodes::ClaimRequest::complete_noop`).
+pub fn noop_output() -> Value {
+    Value::Object(Default::default())
 }
 
 /// Outputs its input with templates rendered: reshapes data between nodes.

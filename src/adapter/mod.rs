@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 pub use anthropic::Anthropic;
 pub use breaker::{Admission, BreakerEvent, Breakers};
-pub use builtin::{Noop, Transform};
+pub use builtin::{Noop, Transform, noop_output};
 pub use http::HttpAdapter;
 pub use openai::OpenAi;
 

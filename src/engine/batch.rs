@@ -17,11 +17,11 @@ use super::dag::{Finished, Progress, Settled, settle_all};
 use super::finish::{fenced, with_commit_retries};
 use super::task::{claim_request, is_builtin};
 use super::{Engine, EngineError, Handled, TaskMessage};
-use crate::adapter::{AdapterError, ModelCall};
+use crate::adapter::{AdapterError, ModelCall, noop_output};
 use crate::store::model_calls::AttemptCalls;
-use crate::store::nodes::{ClaimRequest, Finishing};
+use crate::store::nodes::{ClaimRequest, Finishing, NoopCompletion};
 use crate::store::{self, Claim, RunContext, StoreError};
-use crate::workflow::Workflow;
+use crate::workflow::{NodeType, Workflow};
 
 /// A claimed task's final outcome (completed, or failed for good), to be recorded.
 #[derive(Debug)]
@@ -34,6 +34,8 @@ pub(super) struct Outcome {
     /// The calls the attempt made, recorded in the same transaction.
     pub calls: Vec<ModelCall>,
     pub started: Instant,
+    /// Its claim already wrote the final state (a noop): only the run is advanced.
+    pub completed_by_claim: bool,
 }
 
 /// What recording outcomes committed.
@@ -150,15 +152,26 @@ impl Engine {
         let started = Instant::now();
         let mut client = self.store.client().await?;
         let tx = client.transaction().await?;
-        let requests: Vec<ClaimRequest> = batch
-            .iter()
-            .map(|(message, redelivered)| claim_request(message, *redelivered))
-            .collect();
+        let noop = noop_output();
+        let mut requests = Vec::with_capacity(batch.len());
+        for (message, redelivered) in batch {
+            let complete_noop = self.noop_completion(&tx, message, &noop).await?;
+            requests.push(ClaimRequest {
+                complete_noop,
+                ..claim_request(message, *redelivered)
+            });
+        }
         let claims = store::nodes::claim_all(&tx, &requests).await?;
         let mut steps = Vec::with_capacity(batch.len());
         let mut outcomes = Vec::new();
         for ((message, _), claim) in batch.iter().zip(claims) {
-            let Claim::Claimed { fence, run, .. } = claim else {
+            let Claim::Claimed {
+                fence,
+                run,
+                completed,
+                ..
+            } = claim
+            else {
                 steps.push(Step::NotClaimed(claim));
                 continue;
             };
@@ -169,7 +182,11 @@ impl Engine {
                 .filter(|node| is_builtin(node.kind.as_str()));
             match (&workflow, builtin) {
                 (Some(found), Some(node)) => {
-                    let result = self.run_builtin(&tx, found, &run, node, message).await?;
+                    let result = if completed {
+                        Ok(noop.clone())
+                    } else {
+                        self.run_builtin(&tx, found, &run, node, message).await?
+                    };
                     steps.push(Step::Ran);
                     outcomes.push(Outcome {
                         message: message.clone(),
@@ -179,7 +196,15 @@ impl Engine {
                         result,
                         calls: Vec::new(),
                         started,
+                        completed_by_claim: completed,
                     });
+                }
+                // The claim checked that the run pins the workflow found before it.
+                _ if completed => {
+                    return Err(StoreError::NotFound(format!(
+                        "workflow {} version {} of run {} vanished while its node {} completed",
+                        run.workflow, run.version, run.run_id, message.node_id
+                    )));
                 }
                 _ => steps.push(Step::HandedOff {
                     fence,
@@ -191,6 +216,31 @@ impl Engine {
         let recorded = self.record_outcomes(&tx, &outcomes).await?;
         tx.commit().await?;
         Ok((steps, outcomes, recorded))
+    }
+
+    /// For a message naming a `noop` node of a stored workflow version: what lets its
+    /// claim complete it at once. `None` for anything else, which is claimed as usual.
+    async fn noop_completion<'a>(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        message: &'a TaskMessage,
+        output: &'a Value,
+    ) -> Result<Option<NoopCompletion<'a>>, StoreError> {
+        let (Some("noop"), Some(workflow), Some(version)) =
+            (message.kind.as_deref(), &message.workflow, message.version)
+        else {
+            return Ok(None);
+        };
+        let is_noop = self
+            .workflow_in(tx, workflow, version)
+            .await?
+            .and_then(|w| w.node(&message.node_id).map(|n| n.kind == NodeType::Noop))
+            .unwrap_or(false);
+        Ok(is_noop.then_some(NoopCompletion {
+            workflow,
+            version,
+            output,
+        }))
     }
 
     /// In `tx`: locks the outcomes' runs, records their calls, finishes their nodes and
@@ -221,6 +271,7 @@ impl Engine {
         let finishing: Vec<Finishing> = outcomes
             .iter()
             .zip(&errors)
+            .filter(|(o, _)| !o.completed_by_claim)
             .map(|(o, error)| Finishing {
                 run_id: o.message.run_id,
                 node_id: &o.message.node_id,
@@ -230,10 +281,16 @@ impl Engine {
                 error: error.as_deref(),
             })
             .collect();
-        let done: HashSet<(Uuid, String)> = store::nodes::finish_all(tx, &finishing)
+        let mut done: HashSet<(Uuid, String)> = store::nodes::finish_all(tx, &finishing)
             .await?
             .into_iter()
             .collect();
+        done.extend(
+            outcomes
+                .iter()
+                .filter(|o| o.completed_by_claim)
+                .map(|o| (o.message.run_id, o.message.node_id.clone())),
+        );
         let finished: Vec<bool> = outcomes
             .iter()
             .map(|o| done.contains(&(o.message.run_id, o.message.node_id.clone())))

@@ -71,6 +71,7 @@ impl Engine {
             result,
             calls,
             started,
+            completed_by_claim: false,
         };
         match &self.group_commit {
             Some(group) => group.finish(self, outcome).await,

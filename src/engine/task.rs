@@ -167,6 +167,7 @@ impl Engine {
                 fence,
                 from_state,
                 run,
+                ..
             } => {
                 if from_state == "running" {
                     tracing::warn!(run = %message.run_id, node = %message.node_id, attempt = message.attempt,
@@ -291,6 +292,7 @@ pub(super) fn claim_request(message: &TaskMessage, redelivered: bool) -> ClaimRe
         node_id: &message.node_id,
         attempt: message.attempt,
         take_over: redelivered,
+        complete_noop: None,
     }
 }
 

@@ -36,6 +36,8 @@ pub enum Claim {
         from_state: String,
         /// What the node's templates read.
         run: RunContext,
+        /// The claim also completed the node (see `ClaimRequest::complete_noop`).
+        completed: bool,
     },
     /// The node is not claimable by this message: it is a duplicate or stale.
     NotClaimable {
@@ -82,6 +84,21 @@ pub(crate) struct ClaimRequest<'a> {
     /// Whether a node left `running` at this attempt may be taken over (the message was
     /// redelivered, so its first worker may have died).
     pub take_over: bool,
+    /// For a message naming a `noop` node: the claim completes the node too, with this
+    /// output, when the node is a `noop` of the workflow version named (one row version
+    /// and one statement instead of two; a noop reads nothing and always succeeds).
+    pub complete_noop: Option<NoopCompletion<'a>>,
+}
+
+/// What a claim needs to complete a `noop` node at once.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NoopCompletion<'a> {
+    /// The workflow the message names; the run must pin it.
+    pub workflow: &'a str,
+    /// Its version.
+    pub version: i32,
+    /// The noop's output.
+    pub output: &'a Value,
 }
 
 /// Claims `(run, node, attempt)`: `queued → running`; `retrying → queued → running` when
@@ -110,25 +127,36 @@ pub(crate) async fn claim_all(
     let stmt = client
         .prepare_cached(
             "WITH m AS (
-                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::bool[])
-                     WITH ORDINALITY AS m(run_id, node_id, attempt, take_over, i)
+                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::bool[],
+                                      $5::text[], $6::int4[], $7::jsonb[])
+                     WITH ORDINALITY
+                     AS m(run_id, node_id, attempt, take_over, noop_workflow, noop_version,
+                          noop_output, i)
              ), old AS (
-                 SELECT m.i, n.run_id, n.node_id, n.state, n.attempt
+                 SELECT m.i, n.run_id, n.node_id, n.state, n.attempt,
+                        coalesce(n.type = 'noop' AND r.workflow = m.noop_workflow
+                                 AND r.version = m.noop_version, false) AS noop
                  FROM m JOIN node_runs n ON n.run_id = m.run_id AND n.node_id = m.node_id
+                        JOIN runs r ON r.id = n.run_id AND r.id = ANY($1)
                  WHERE n.run_id = ANY($1)
                  ORDER BY n.run_id, n.node_id
                  FOR UPDATE OF n
              ), claimed AS (
                  UPDATE node_runs n
-                 SET state = 'running', attempt = m.attempt, fence = n.fence + 1,
-                     started_at = now(), retry_at = NULL
+                 SET state = CASE WHEN old.noop THEN 'completed' ELSE 'running' END,
+                     attempt = m.attempt, fence = n.fence + 1,
+                     started_at = now(), retry_at = NULL,
+                     output = CASE WHEN old.noop THEN m.noop_output ELSE n.output END,
+                     finished_at = CASE WHEN old.noop THEN now() ELSE n.finished_at END
                  FROM old JOIN m ON m.i = old.i
                  WHERE n.run_id = old.run_id AND n.node_id = old.node_id
                    AND ((old.state = 'queued' AND old.attempt = m.attempt)
                      OR (old.state = 'retrying' AND old.attempt + 1 = m.attempt)
                      OR (old.state = 'running' AND old.attempt = m.attempt AND m.take_over))
-                 RETURNING old.i, n.run_id, n.node_id, n.attempt, n.fence, old.state AS from_state
+                 RETURNING old.i, n.run_id, n.node_id, n.attempt, n.fence,
+                           old.state AS from_state, old.noop
              ), logged AS (
+                 -- Appended in this order, so that a node's rows keep it in `id`.
                  INSERT INTO transitions (run_id, node_id, from_state, to_state, attempt)
                  SELECT run_id, node_id, 'retrying', 'queued', attempt
                  FROM claimed WHERE from_state = 'retrying'
@@ -137,9 +165,12 @@ pub(crate) async fn claim_all(
                         CASE from_state WHEN 'retrying' THEN 'queued' ELSE from_state END,
                         'running', attempt
                  FROM claimed
+                 UNION ALL
+                 SELECT run_id, node_id, 'running', 'completed', attempt
+                 FROM claimed WHERE noop
              )
              SELECT old.state, old.attempt, claimed.fence, claimed.from_state,
-                    r.workflow, r.version, r.event, r.input, r.priority
+                    r.workflow, r.version, r.event, r.input, r.priority, claimed.noop
              FROM m LEFT JOIN old ON old.i = m.i LEFT JOIN claimed ON claimed.i = m.i
                     LEFT JOIN runs r ON r.id = m.run_id AND r.id = ANY($1)
              ORDER BY m.i",
@@ -149,8 +180,23 @@ pub(crate) async fn claim_all(
     let node_ids: Vec<&str> = requests.iter().map(|r| r.node_id).collect();
     let attempts: Vec<i32> = requests.iter().map(|r| r.attempt).collect();
     let take_over: Vec<bool> = requests.iter().map(|r| r.take_over).collect();
+    let noop = || requests.iter().map(|r| r.complete_noop.as_ref());
+    let noop_workflows: Vec<Option<&str>> = noop().map(|c| c.map(|c| c.workflow)).collect();
+    let noop_versions: Vec<Option<i32>> = noop().map(|c| c.map(|c| c.version)).collect();
+    let noop_outputs: Vec<Option<&Value>> = noop().map(|c| c.map(|c| c.output)).collect();
     let rows = client
-        .query(&stmt, &[&run_ids, &node_ids, &attempts, &take_over])
+        .query(
+            &stmt,
+            &[
+                &run_ids,
+                &node_ids,
+                &attempts,
+                &take_over,
+                &noop_workflows,
+                &noop_versions,
+                &noop_outputs,
+            ],
+        )
         .await?;
     Ok(rows
         .iter()
@@ -167,6 +213,7 @@ pub(crate) async fn claim_all(
                     input: row.get(7),
                     priority: row.get(8),
                 },
+                completed: row.get(9),
             },
             None => Claim::NotClaimable {
                 state: row.get(0),
