@@ -19,6 +19,8 @@ use crate::config::Settings;
 
 /// Messages circulating in the hop benchmark: the broker's window of work.
 const HOP_MESSAGES: u16 = 256;
+/// The task queue the hop benchmark circulates its messages through.
+const HOP_QUEUE: &str = "hops";
 /// Node rows the transition benchmark updates.
 const PG_ROWS: i32 = 10_000;
 
@@ -37,7 +39,7 @@ pub struct LimitReport {
 pub async fn bench_limit(base: &Settings, seconds: u64) -> Result<LimitReport, BenchError> {
     let env = BenchEnv::create(base).await?;
     let result = measure(&env, Duration::from_secs(seconds)).await;
-    env.cleanup(&[]).await;
+    env.cleanup(&[HOP_QUEUE.to_owned()]).await;
     let report = result?;
     save(&report);
     Ok(report)
@@ -61,8 +63,8 @@ async fn broker_hops(env: &BenchEnv, period: Duration) -> Result<f64, BenchError
     let connection = broker::connect(&env.settings.amqp_url, "bench-limit").await?;
     let topology = Topology::new(&env.settings.namespace);
     let publisher = Arc::new(Publisher::open(&connection, topology.clone()).await?);
-    publisher.ensure_task_queue("hops").await?;
-    let queue = topology.task_queue("hops");
+    publisher.ensure_task_queue(HOP_QUEUE).await?;
+    let queue = topology.task_queue(HOP_QUEUE);
     let channel = connection.create_channel().await?;
     channel
         .basic_qos(HOP_MESSAGES, BasicQosOptions::default())
@@ -76,7 +78,7 @@ async fn broker_hops(env: &BenchEnv, period: Duration) -> Result<f64, BenchError
         )
         .await?;
     for _ in 0..HOP_MESSAGES {
-        publisher.publish_task("hops", b"{}", 0).await?;
+        publisher.publish_task(HOP_QUEUE, b"{}", 0).await?;
     }
     let count = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -88,7 +90,7 @@ async fn broker_hops(env: &BenchEnv, period: Duration) -> Result<f64, BenchError
                 let publisher = publisher.clone();
                 let count = count.clone();
                 inflight.push(async move {
-                    publisher.publish_task("hops", &delivery.data, 0).await?;
+                    publisher.publish_task(HOP_QUEUE, &delivery.data, 0).await?;
                     delivery.acker.ack(BasicAckOptions::default()).await?;
                     count.fetch_add(1, Ordering::Relaxed);
                     Ok::<_, BenchError>(())
