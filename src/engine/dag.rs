@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use uuid::Uuid;
 
-use crate::store::advance::Closing;
+use crate::store::advance::{Arrival, Closing};
 use crate::store::{self, QueuedTask, RunContext, StoreError};
 use crate::workflow::{TriggerRule, Workflow, template};
 
@@ -190,13 +190,26 @@ pub async fn settle_all(
                 }
             }
         }
-        let counted: Vec<(Uuid, &str, i32)> = arrivals
+        let counting: Vec<Arrival> = arrivals
             .iter()
-            .map(|((run, child), parents)| (*run, child.as_str(), parents.len() as i32))
+            .map(|((run, child), parents)| {
+                let node = runs[index[run]].workflow.node(child);
+                let rule = node.map(|n| n.trigger_rule).unwrap_or_default();
+                Arrival {
+                    run_id: *run,
+                    node_id: child,
+                    finished: parents.len() as i32,
+                    ready_when_last: node.is_some_and(|n| n.when.is_none())
+                        && matches!(first_decision(rule, parents, 0), Some((_, Decision::Ready))),
+                }
+            })
             .collect();
-        for (run_id, child, left) in
-            store::advance::count_finished_dependencies(client, &counted).await?
-        {
+        for counted in store::advance::count_finished_dependencies(client, &counting).await? {
+            let (run_id, child) = (counted.run_id, counted.node_id);
+            if let Some(task) = counted.queued {
+                settled[index[&run_id]].queued.push(task);
+                continue;
+            }
             let p = &mut runs[index[&run_id]];
             let rule = p
                 .workflow
@@ -204,7 +217,7 @@ pub async fn settle_all(
                 .map(|n| n.trigger_rule)
                 .unwrap_or_default();
             let parents = &arrivals[&(run_id, child.clone())];
-            match first_decision(rule, parents, left) {
+            match first_decision(rule, parents, counted.left) {
                 Some((_, Decision::Ready)) => p.ready.push(child),
                 Some((parent, _)) => closing.push(close(
                     p.run,

@@ -27,35 +27,81 @@ pub(crate) struct Closing {
     pub reason: String,
 }
 
-/// Counts `finished` dependencies (run, child, how many parents just finished) of
-/// children still `pending`; returns each such child's remaining count. The row lock
-/// taken here is what makes a fan-in decision happen exactly once.
+/// What counting a child's finished dependencies left.
+#[derive(Debug)]
+pub(crate) struct Counted {
+    /// Run id.
+    pub run_id: Uuid,
+    /// The child.
+    pub node_id: String,
+    /// Its dependencies still unfinished.
+    pub left: i32,
+    /// The child's task, when counting queued it (see [`count_finished_dependencies`]).
+    pub queued: Option<QueuedTask>,
+}
+
+/// One child's parents that just finished.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Arrival<'a> {
+    /// Run id.
+    pub run_id: Uuid,
+    /// The child.
+    pub node_id: &'a str,
+    /// How many of its parents just finished.
+    pub finished: i32,
+    /// Whether the child is ready once these were its last parents (its rule holds for
+    /// their outcomes and it has no `when` condition): then counting queues it at once.
+    pub ready_when_last: bool,
+}
+
+/// Counts finished dependencies of children still `pending`; returns each such child's
+/// remaining count, and queues (`pending → queued`) the children whose last parents
+/// these were and that are `ready_when_last`: one row version instead of two. The row
+/// lock taken here is what makes a fan-in decision happen exactly once.
 pub(crate) async fn count_finished_dependencies(
     client: &impl GenericClient,
-    arrivals: &[(Uuid, &str, i32)],
-) -> Result<Vec<(Uuid, String, i32)>, StoreError> {
+    arrivals: &[Arrival<'_>],
+) -> Result<Vec<Counted>, StoreError> {
     // A statement over no nodes changes nothing: skip the round trip.
     if arrivals.is_empty() {
         return Ok(Vec::new());
     }
     let stmt = client
         .prepare_cached(
-            "UPDATE node_runs n SET deps_left = n.deps_left - m.finished
-             FROM unnest($1::uuid[], $2::text[], $3::int4[]) AS m(run_id, node_id, finished)
-             WHERE n.run_id = m.run_id AND n.node_id = m.node_id AND n.state = 'pending'
-               AND n.run_id = ANY($1)
-             RETURNING n.run_id, n.node_id, n.deps_left",
+            "WITH c AS (
+                 UPDATE node_runs n SET deps_left = n.deps_left - m.finished,
+                     state = CASE WHEN m.ready AND n.deps_left - m.finished <= 0
+                                  THEN 'queued' ELSE n.state END,
+                     queued_at = CASE WHEN m.ready AND n.deps_left - m.finished <= 0
+                                      THEN now() ELSE n.queued_at END
+                 FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::bool[])
+                      AS m(run_id, node_id, finished, ready)
+                 WHERE n.run_id = m.run_id AND n.node_id = m.node_id AND n.state = 'pending'
+                   AND n.run_id = ANY($1)
+                 RETURNING n.node_id, n.attempt, n.queue, n.type, n.run_id, n.deps_left, n.state
+             ), logged AS (
+                 INSERT INTO transitions (run_id, node_id, from_state, to_state, attempt)
+                 SELECT run_id, node_id, 'pending', 'queued', attempt FROM c
+                 WHERE state = 'queued'
+             )
+             SELECT * FROM c",
         )
         .await?;
-    let run_ids: Vec<Uuid> = arrivals.iter().map(|a| a.0).collect();
-    let node_ids: Vec<&str> = arrivals.iter().map(|a| a.1).collect();
-    let finished: Vec<i32> = arrivals.iter().map(|a| a.2).collect();
+    let run_ids: Vec<Uuid> = arrivals.iter().map(|a| a.run_id).collect();
+    let node_ids: Vec<&str> = arrivals.iter().map(|a| a.node_id).collect();
+    let finished: Vec<i32> = arrivals.iter().map(|a| a.finished).collect();
+    let ready: Vec<bool> = arrivals.iter().map(|a| a.ready_when_last).collect();
     let rows = client
-        .query(&stmt, &[&run_ids, &node_ids, &finished])
+        .query(&stmt, &[&run_ids, &node_ids, &finished, &ready])
         .await?;
     Ok(rows
         .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .map(|r| Counted {
+            run_id: r.get(4),
+            node_id: r.get(0),
+            left: r.get(5),
+            queued: (r.get::<_, &str>(6) == "queued").then(|| queued_task(r)),
+        })
         .collect())
 }
 
