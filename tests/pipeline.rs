@@ -5,7 +5,6 @@ mod common;
 use std::time::Duration;
 
 use common::{TestEnv, diamond};
-use dagq::engine::WorkerOptions;
 use serde_json::json;
 
 /// A diamond (A → B, C, D → E) completes; each node is queued, running and completed
@@ -147,14 +146,8 @@ async fn a_task_message_that_calls_a_node_noop_runs_the_node_as_stored() {
         {"id": "t", "type": "transform", "input": {"n": "{{ input.n }}"}}
     ]}))
     .await;
-    let serving = |queue: &str| WorkerOptions {
-        queues: Some(vec![queue.to_owned()]),
-        queue_refresh: Duration::from_millis(200),
-        concurrency: 16,
-        ..WorkerOptions::default()
-    };
     // Events only: t's message waits in its queue.
-    let events = env.start_worker(serving("elsewhere"));
+    let events = env.start_worker_serving("elsewhere");
     let event = env.request_run("hint", json!({"n": 7})).await;
     let run = common::run_id_of(&env, &event).await;
     let queue = env.topology().task_queue("transform");
@@ -177,7 +170,7 @@ async fn a_task_message_that_calls_a_node_noop_runs_the_node_as_stored() {
         .publish_task("transform", &serde_json::to_vec(&forged).unwrap(), 0)
         .await
         .unwrap();
-    let transforms = env.start_worker(serving("transform"));
+    let transforms = env.start_worker_serving("transform");
     let status = env.wait_run(&event, Duration::from_secs(30)).await;
     transforms.stop().await;
     events.stop().await;

@@ -152,7 +152,6 @@ async fn a_duplicated_backlog_is_batched_on_three_workers_with_one_effect_each()
 /// them in one transaction rather than one after another on their run's lock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn siblings_published_together_say_so_and_finish_in_one_transaction() {
-    use dagq::engine::WorkerOptions;
     use futures::StreamExt;
     use lapin::options::BasicConsumeOptions;
 
@@ -165,13 +164,7 @@ async fn siblings_published_together_say_so_and_finish_in_one_transaction() {
         {"id": "e", "type": "noop", "queue": "head", "depends": ["b", "c", "d"]}
     ]}))
     .await;
-    let serving = |queue: &str| WorkerOptions {
-        queues: Some(vec![queue.to_owned()]),
-        queue_refresh: Duration::from_millis(200),
-        concurrency: 16,
-        ..WorkerOptions::default()
-    };
-    let head = env.start_worker(serving("head"));
+    let head = env.start_worker_serving("head");
     let event = env.request_run("burst", json!({})).await;
     // Nobody serves "fan" yet: b, c and d wait there once a completed.
     let fan = env.topology().task_queue("fan");
@@ -204,7 +197,7 @@ async fn siblings_published_together_say_so_and_finish_in_one_transaction() {
     channel.close(200, "peeked".into()).await.unwrap();
     assert_eq!(bursts, [3, 3, 3]);
 
-    let fan_worker = env.start_worker(serving("fan"));
+    let fan_worker = env.start_worker_serving("fan");
     let status = env.wait_run(&event, Duration::from_secs(30)).await;
     fan_worker.stop().await;
     head.stop().await;

@@ -175,6 +175,16 @@ impl TestEnv {
         })
     }
 
+    /// Like `start_default_worker`, serving the events and task queue `queue` only.
+    pub fn start_worker_serving(&self, queue: &str) -> WorkerHandle {
+        self.start_worker(WorkerOptions {
+            queues: Some(vec![queue.to_owned()]),
+            queue_refresh: Duration::from_millis(200),
+            concurrency: 16,
+            ..WorkerOptions::default()
+        })
+    }
+
     /// The environment a `dagq` process needs to work in this test's namespace.
     pub fn command(&self) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_dagq"));
