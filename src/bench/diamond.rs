@@ -1,7 +1,7 @@
 //! `dagq bench diamond` and `dagq bench latency`: the diamond workflow (A → B, C, D → E)
 //! run many times across worker processes of this binary.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde::Serialize;
@@ -138,7 +138,8 @@ async fn flood(env: &BenchEnv, bench: &DiamondBench) -> Result<DiamondReport, Be
     let connection = broker::connect(&env.settings.amqp_url, "bench").await?;
     let publisher = Publisher::open(&connection, Topology::new(&env.settings.namespace)).await?;
     wait_for_consumers(env).await?;
-    let started = SystemTime::now();
+    // On the database's clock, which writes `finished_at`: the end is read from there.
+    let started = database_clock(env).await?;
     let mut publishes = futures::stream::iter(0..bench.runs)
         .map(|_| {
             let event = new_event(
@@ -237,12 +238,19 @@ async fn wait_for_consumers(env: &BenchEnv) -> Result<(), BenchError> {
     Ok(())
 }
 
-/// From `started` to the last run's `finished_at`: when the benchmark's work was done,
-/// as the transaction that did it wrote, whenever the poll noticed.
-async fn seconds_until_last_finished(
-    env: &BenchEnv,
-    started: SystemTime,
-) -> Result<f64, BenchError> {
+/// The database's clock now, in seconds since 1970.
+async fn database_clock(env: &BenchEnv) -> Result<f64, BenchError> {
+    let client = env.store.client().await?;
+    let now = client
+        .query_one("SELECT extract(epoch FROM clock_timestamp())::float8", &[])
+        .await?;
+    Ok(now.get(0))
+}
+
+/// From `started` (see [`database_clock`]) to the last run's `finished_at`: when the
+/// benchmark's work was done, as the transaction that did it wrote, whenever the poll
+/// noticed.
+async fn seconds_until_last_finished(env: &BenchEnv, started: f64) -> Result<f64, BenchError> {
     let client = env.store.client().await?;
     let last: f64 = client
         .query_one(
@@ -251,10 +259,7 @@ async fn seconds_until_last_finished(
         )
         .await?
         .get(0);
-    let started = started
-        .duration_since(UNIX_EPOCH)
-        .map_err(|e| BenchError::Setup(format!("the clock is before 1970: {e}")))?;
-    Ok((last - started.as_secs_f64()).max(f64::EPSILON))
+    Ok((last - started).max(f64::EPSILON))
 }
 
 /// Publish time (the event's `time`) to `finished_at`, for every run.
