@@ -143,10 +143,11 @@ async fn same_event_twice_starts_one_run_and_filters_apply() {
 async fn a_task_message_that_calls_a_node_noop_runs_the_node_as_stored() {
     let env = TestEnv::new().await;
     env.apply(json!({"name": "hint", "nodes": [
-        {"id": "t", "type": "transform", "input": {"n": "{{ input.n }}"}}
+        {"id": "t", "type": "transform", "input": {"n": "{{ input.n }}"}},
+        {"id": "after", "type": "noop", "queue": "elsewhere", "depends": ["t"]}
     ]}))
     .await;
-    // Events only: t's message waits in its queue.
+    // Events and `after` only: t's message waits in its queue.
     let events = env.start_worker_serving("elsewhere");
     let event = env.request_run("hint", json!({"n": 7})).await;
     let run = common::run_id_of(&env, &event).await;
