@@ -83,19 +83,17 @@ pub(super) async fn process_tasks(
             }
             Ok(message) => calls.push((delivery, permit, message)),
             // A poison message takes the ordinary path, which dead-letters it.
-            Err(_) => spawn_alone(&engine, &source, &tracker, (delivery, permit)),
+            Err(_) => spawn_alone(&engine, &source, &tracker, (delivery, permit), None),
         }
     }
     if calls.len() == 1 {
         let (delivery, permit, message) = calls.pop().expect("one");
-        let (engine, source) = (engine.clone(), source.clone());
-        let span = delivery_span(&source);
-        tracker.spawn(
-            async move {
-                let _permit = permit;
-                process_task(&engine, &source, delivery, message).await;
-            }
-            .instrument(span),
+        spawn_alone(
+            &engine,
+            &source,
+            &tracker,
+            (delivery, permit),
+            Some(message),
         );
     } else if !calls.is_empty() {
         claim_together(&engine, &source, &tracker, calls).await;
@@ -113,13 +111,23 @@ pub(super) async fn process_tasks(
     drop(slot);
 }
 
-fn spawn_alone(engine: &Engine, source: &Source, tracker: &TaskTracker, (delivery, permit): Held) {
+/// Processes one delivery in a task of its own; `message` when it is parsed already.
+fn spawn_alone(
+    engine: &Engine,
+    source: &Source,
+    tracker: &TaskTracker,
+    (delivery, permit): Held,
+    message: Option<TaskMessage>,
+) {
     let (engine, source) = (engine.clone(), source.clone());
     let span = delivery_span(&source);
     tracker.spawn(
         async move {
             let _permit = permit;
-            process(&engine, &source, delivery).await;
+            match message {
+                Some(message) => process_task(&engine, &source, delivery, message).await,
+                None => process(&engine, &source, delivery).await,
+            }
         }
         .instrument(span),
     );
@@ -142,8 +150,8 @@ async fn claim_together(
         Ok(claims) => claims,
         Err(e) => {
             tracing::warn!(error = %e, size = calls.len(), "claiming a batch failed; processing its tasks one by one");
-            for (delivery, permit, _) in calls {
-                spawn_alone(engine, source, tracker, (delivery, permit));
+            for (delivery, permit, message) in calls {
+                spawn_alone(engine, source, tracker, (delivery, permit), Some(message));
             }
             return;
         }
@@ -189,7 +197,8 @@ pub(super) async fn process_triggers(
         return;
     }
     let inflight = metrics::gauge!(telemetry::WORKER_INFLIGHT);
-    inflight.increment(deliveries.len() as f64);
+    let size = deliveries.len() as f64;
+    inflight.increment(size);
     let events: Vec<(&[u8], bool)> = deliveries
         .iter()
         .map(|(delivery, _)| (delivery.data.as_slice(), delivery.redelivered))
@@ -206,19 +215,19 @@ pub(super) async fn process_triggers(
                     settle(&engine, &queue, delivery, outcome)
                 });
             join_all(settles).await;
+            inflight.decrement(size);
         }
         Err(e) => {
             tracing::warn!(error = %e, size = deliveries.len(), "a batch of events failed; processing them one by one");
-            for (delivery, _permit) in &deliveries {
-                let result = engine
-                    .handle_trigger(&delivery.data, delivery.redelivered)
+            // Each counts itself in flight from here.
+            inflight.decrement(size);
+            for (delivery, _permit) in deliveries {
+                process(&engine, &source, delivery)
+                    .instrument(delivery_span(&source))
                     .await;
-                count_event(&result);
-                settle(&engine, &source.queue(&engine), delivery, result).await;
             }
         }
     }
-    inflight.decrement(deliveries.len() as f64);
     drop(slot);
 }
 
@@ -238,7 +247,8 @@ async fn process_batch(
     batch: Vec<(Delivery, OwnedSemaphorePermit, TaskMessage)>,
 ) {
     let inflight = metrics::gauge!(telemetry::WORKER_INFLIGHT);
-    inflight.increment(batch.len() as f64);
+    let size = batch.len() as f64;
+    inflight.increment(size);
     let messages: Vec<_> = batch
         .iter()
         .map(|(delivery, _, message)| (message.clone(), delivery.redelivered))
@@ -261,17 +271,19 @@ async fn process_batch(
                         }
                     });
             join_all(settles).await;
+            inflight.decrement(size);
         }
         Err(e) => {
             tracing::warn!(error = %e, size = batch.len(), "a batch failed; processing its tasks one by one");
-            for (delivery, _permit, _) in batch {
-                process(engine, source, delivery)
+            // Each counts itself in flight from here.
+            inflight.decrement(size);
+            for (delivery, _permit, message) in batch {
+                process_task(engine, source, delivery, message)
                     .instrument(delivery_span(source))
                     .await;
             }
         }
     }
-    inflight.decrement(messages.len() as f64);
 }
 
 /// Processes one task delivery whose message is parsed already, and settles it.
