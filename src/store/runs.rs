@@ -100,6 +100,9 @@ pub(crate) async fn insert_runs(
         started.push(StartedRun::Existing(existing.get(0)));
     }
     let new: Vec<&NewRun> = runs.iter().filter(|r| created.contains(&r.id)).collect();
+    if new.is_empty() {
+        return Ok(started);
+    }
     let nodes = || {
         new.iter()
             .flat_map(|r| r.nodes.iter().map(move |n| (r.id, n)))
